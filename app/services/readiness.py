@@ -1,0 +1,46 @@
+"""Readiness of the configured components: what is loaded, and why the rest is not."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    ready: bool
+    reason: str | None = None
+
+
+class Readiness:
+    """Each configured component reports here; `/readyz` is 200 only when all of them are ready.
+
+    Invariant: a component that was never reported counts as not ready, so a component that
+    crashed while loading cannot look healthy.
+    """
+
+    def __init__(self, expected: list[str]):
+        self._lock = threading.Lock()
+        self._status = {name: ComponentStatus(name, False, "loading") for name in expected}
+
+    def set_ready(self, name: str) -> None:
+        with self._lock:
+            self._status[name] = ComponentStatus(name, True)
+
+    def set_failed(self, name: str, reason: str) -> None:
+        with self._lock:
+            self._status[name] = ComponentStatus(name, False, reason)
+
+    def snapshot(self) -> list[ComponentStatus]:
+        with self._lock:
+            return list(self._status.values())
+
+    @property
+    def ready(self) -> bool:
+        return all(status.ready for status in self.snapshot())
+
+    def reason(self, name: str) -> str | None:
+        with self._lock:
+            status = self._status.get(name)
+        return None if status is None or status.ready else status.reason
