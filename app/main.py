@@ -6,11 +6,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from app.api.routes import health
+from app.api.routes import adapters, health, nli
 from app.config import Settings
 from app.services.readiness import Readiness
 
@@ -34,6 +35,67 @@ def _start_fraud(app: FastAPI, settings: Settings, readiness: Readiness) -> None
     logger.info("fraud model %s loaded from %s", scorer.model_version, settings.fraud_model_dir)
 
 
+def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
+    """Build the engine, discover adapters, start the batcher. Returns the batcher (to stop it)."""
+    # Imported here: torch and transformers load only when NLI is enabled.
+    import torch
+
+    from app.inference.base_model import BaseModelError, resolve_base
+    from app.inference.batcher import Batcher
+    from app.inference.engine import NLIEngine
+    from app.services.adapter_registry import AdapterRegistry
+    from app.services.adapters import AdapterService
+    from app.services.nli import NLIService
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    spec = resolve_base(settings.base_model, random_init=settings.base_random_init, seed=settings.base_random_seed)
+    try:
+        engine = NLIEngine(
+            spec,
+            device=settings.device,
+            max_seq_len=settings.max_seq_len_tokens,
+            max_resident=settings.max_resident_adapters,
+            pinned=set(settings.pinned_adapters),
+        )
+    except (BaseModelError, OSError, RuntimeError) as exc:
+        logger.error("NLI base %s not served: %s", settings.base_model, exc)
+        readiness.set_failed("nli", f"base model {settings.base_model!r} failed to load: {exc}")
+        return None
+    registry = AdapterRegistry(engine, engine.residency, pinned=set(settings.pinned_adapters))
+    registry.discover(settings.adapters_dir)
+    batcher = Batcher(
+        engine,
+        max_batch_pairs=settings.max_batch_pairs,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_wait_ms=settings.max_batch_wait_ms,
+        max_queue_pairs=settings.max_queue_pairs,
+    )
+    batcher.start()
+    app.state.nli_engine = engine
+    app.state.adapter_registry = registry
+    app.state.batcher = batcher
+    app.state.nli_service = NLIService(
+        registry,
+        batcher,
+        default_adapter=settings.default_adapter,
+        max_text_chars=settings.max_text_chars,
+        max_pairs_per_request=settings.max_pairs_per_request,
+    )
+    app.state.adapter_service = AdapterService(
+        registry, roots=settings.all_adapter_roots(), admin_token=settings.admin_token
+    )
+    if settings.default_adapter in registry.ready_names():
+        readiness.set_ready("nli")
+    else:
+        readiness.set_failed(
+            "nli",
+            f"default adapter {settings.default_adapter!r} is not loaded "
+            f"(ready: {', '.join(registry.ready_names()) or 'none'})",
+        )
+    return batcher
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -42,7 +104,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.readiness = readiness
     if settings.fraud_enabled:
         _start_fraud(app, settings, readiness)
-    yield
+    batcher = _start_nli(app, settings, readiness) if settings.nli_enabled else None
+    try:
+        yield
+    finally:
+        if batcher is not None:
+            # Graceful: queued pairs are answered before the worker ends.
+            await anyio.to_thread.run_sync(batcher.stop)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,6 +124,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(nli.router)
+    app.include_router(adapters.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

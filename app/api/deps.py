@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from app.config import Settings
 from app.errors import NotReady
+from app.services.adapters import AdapterService
+from app.services.nli import NLIService
 from app.services.readiness import Readiness
 
 
@@ -32,3 +34,25 @@ def get_fraud_service(request: Request):
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
+
+
+def get_nli_service(request: Request):
+    return _component(request, "nli_service")
+
+
+def get_adapter_service(request: Request):
+    return _component(request, "adapter_service")
+
+
+def _authorized_adapter_service(
+    request: Request,
+    authorization: Annotated[str | None, Header(description="`Bearer <token>` when an admin token is configured.")] = None,
+):
+    service = get_adapter_service(request)
+    service.authorize(authorization, request.client.host if request.client else None)
+    return service
+
+
+NLIServiceDep = Annotated[NLIService, Depends(get_nli_service)]
+AdapterServiceDep = Annotated[AdapterService, Depends(get_adapter_service)]
+AdminAdapterServiceDep = Annotated[AdapterService, Depends(_authorized_adapter_service)]

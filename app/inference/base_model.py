@@ -6,6 +6,7 @@ BERT (pooler + Linear head) and RoBERTa (RobertaClassificationHead on the <s> to
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -104,15 +105,17 @@ def build_classifier(spec: BaseSpec, num_labels: int, *, head_seed: int = 0) -> 
     if spec.random_init:
         torch.manual_seed(spec.seed)
         model = AutoModelForSequenceClassification.from_config(config)
-        # The head is re-seeded so its init does not depend on the encoder's size.
-        torch.manual_seed(head_seed)
-        _reset_head(model)
     else:
-        torch.manual_seed(head_seed)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(spec.source, config=config)
+            # A checkpoint may carry a head of its own (of any size): the encoder is what we want.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.source, config=config, ignore_mismatched_sizes=True
+            )
         except OSError as exc:
             raise BaseModelError(f"cannot load the weights of base {spec.name!r}: {exc}") from exc
+    # Every head starts from the same seeded init, whatever the checkpoint held.
+    torch.manual_seed(head_seed)
+    _reset_head(model)
     return model
 
 
@@ -163,3 +166,16 @@ def fingerprint(model: PreTrainedModel) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_head(config: PretrainedConfig, num_labels: int) -> nn.Module:
+    """An empty classification head of the family's own shape, for one adapter's trained weights."""
+    if config.model_type == "bert":
+        return nn.Linear(config.hidden_size, num_labels)
+    if config.model_type == "roberta":
+        from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
+
+        head_config = copy.deepcopy(config)
+        head_config.num_labels = num_labels
+        return RobertaClassificationHead(head_config)
+    raise BaseModelError(f"no classification head for model type {config.model_type!r}")

@@ -1,0 +1,41 @@
+"""POST /nli and POST /nli/batch: validate, hand to the NLI service, map results back."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import NLIServiceDep
+from app.schemas.errors import ErrorResponse
+from app.schemas.nli import NLIBatchRequest, NLIBatchResponse, NLIRequest, NLIResponse
+from app.services.nli import Classification, PairInput
+
+router = APIRouter(tags=["nli"])
+
+ERRORS = {
+    404: {"model": ErrorResponse, "description": "Unknown adapter; `details.available` lists the ready ones."},
+    422: {"model": ErrorResponse, "description": "Invalid input: empty or over-long text, bad or oversized batch."},
+    500: {"model": ErrorResponse, "description": "The batch this request ran in failed."},
+    503: {"model": ErrorResponse, "description": "Queue full or NLI not loaded; retry after `Retry-After` seconds."},
+}
+
+
+def _response(result: Classification) -> NLIResponse:
+    return NLIResponse(label=result.label, scores=result.scores, adapter=result.adapter)
+
+
+@router.post("/nli", response_model=NLIResponse, responses=ERRORS, summary="Classify one premise/hypothesis pair")
+async def create_nli(body: NLIRequest, service: NLIServiceDep) -> NLIResponse:
+    [result] = await service.classify([PairInput(body.premise, body.hypothesis, body.adapter)])
+    return _response(result)
+
+
+@router.post(
+    "/nli/batch",
+    response_model=NLIBatchResponse,
+    responses=ERRORS,
+    summary="Classify many pairs, each with its own adapter if it names one",
+)
+async def create_nli_batch(body: NLIBatchRequest, service: NLIServiceDep) -> NLIBatchResponse:
+    pairs = [PairInput(p.premise, p.hypothesis, p.adapter or body.adapter) for p in body.pairs]
+    results = await service.classify(pairs, batch_field="pairs")
+    return NLIBatchResponse(results=[_response(r) for r in results])

@@ -1,0 +1,206 @@
+"""The batch queue: admits pairs up front (bounded, fail fast), and one worker thread coalesces what is
+queued into length-sorted batches for the engine, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from app.errors import InferenceFailed, Overloaded
+from app.inference.adapter_loader import AdapterWeights
+from app.inference.engine import EncodedPair, NLIEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Item:
+    premise: str
+    hypothesis: str
+    adapter: AdapterWeights
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+@dataclass
+class BatchStats:
+    """Running totals the metrics and the benchmark read; written by the worker only."""
+
+    batches: int = 0
+    pairs: int = 0
+    failed_batches: int = 0
+    size_histogram: dict[int, int] = field(default_factory=dict)
+    queue_wait_s: list[float] = field(default_factory=list)
+
+
+class Batcher:
+    """Invariants: the worker thread is the only caller of the engine; `pending_pairs` never exceeds
+    `max_queue_pairs` (admission is all-or-nothing per request); every admitted item's future is
+    resolved exactly once, with probabilities or with the typed error of its batch; items whose
+    caller went away are dropped before they reach the engine.
+    """
+
+    def __init__(
+        self,
+        engine: NLIEngine,
+        *,
+        max_batch_pairs: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        max_queue_pairs: int,
+    ):
+        self.engine = engine
+        self.max_batch_pairs = max_batch_pairs
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_pairs = max_queue_pairs
+        self.stats = BatchStats()
+        self._pending: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loraswap-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop taking work, finish what is queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def pending_pairs(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # -- admission (event loop) --------------------------------------------------------------------
+    async def submit(
+        self, premises: list[str], hypotheses: list[str], adapters: list[AdapterWeights]
+    ) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(p, h, a, loop.create_future(), loop) for p, h, a in zip(premises, hypotheses, adapters, strict=True)
+        ]
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the server is shutting down", retry_after_s=5)
+            free = self.max_queue_pairs - len(self._pending)
+            if len(items) > free:
+                raise Overloaded(
+                    f"the queue is full ({len(self._pending)} pairs waiting); retry shortly",
+                    details={"queued_pairs": len(self._pending), "max_queue_pairs": self.max_queue_pairs},
+                )
+            self._pending.extend(items)
+            self._cond.notify()
+        # While queued or running, the adapters may not be evicted from the device.
+        in_use = Counter(adapters)
+        for adapter, count in in_use.items():
+            self.engine.residency.acquire(adapter, count)
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        except asyncio.CancelledError:
+            for item in items:
+                item.cancelled = True
+            raise
+        finally:
+            for adapter, count in in_use.items():
+                self.engine.residency.release(adapter, count)
+
+    # -- the worker --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            window = self._collect()
+            if window is None:
+                return
+            live = [item for item in window if not item.cancelled and not item.future.cancelled()]
+            if live:
+                self._process(live)
+
+    def _collect(self) -> list[_Item] | None:
+        """Wait for work, give latecomers `max_wait_ms` to join, then take what is queued (bounded)."""
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending and self._stopping:
+                return None
+            deadline = self._pending[0].enqueued_at + self.max_wait_s
+            while len(self._pending) < self.max_batch_pairs and not self._stopping:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            # Several batches' worth at most, so sorting by length has rows to choose from
+            # without letting one round hold the queue for long.
+            take = min(len(self._pending), self.max_batch_pairs * 4)
+            return [self._pending.popleft() for _ in range(take)]
+
+    def _process(self, items: list[_Item]) -> None:
+        try:
+            encoded = self.engine.encode([i.premise for i in items], [i.hypothesis for i in items])
+        except Exception as exc:  # a tokenizer failure fails this round, not the worker
+            logger.exception("tokenization failed for %d pairs", len(items))
+            self._fail(items, exc)
+            return
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+        for batch in self._split(order, encoded):
+            self._run_batch([items[i] for i in batch], [encoded[i] for i in batch])
+
+    def _split(self, order: list[int], encoded: list[EncodedPair]) -> list[list[int]]:
+        """Length-sorted rows cut into batches by pair count and padded-token budget."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for index in order:
+            longest = len(encoded[index])  # sorted ascending: the newest row is the longest
+            if current and (
+                len(current) >= self.max_batch_pairs or (len(current) + 1) * longest > self.max_batch_tokens
+            ):
+                batches.append(current)
+                current = []
+            current.append(index)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _run_batch(self, items: list[_Item], encoded: list[EncodedPair]) -> None:
+        now = time.perf_counter()
+        try:
+            probabilities = self.engine.run(encoded, [item.adapter for item in items])
+        except Exception as exc:
+            logger.exception("batch of %d pairs failed", len(items))
+            self.stats.failed_batches += 1
+            self._fail(items, exc)
+            return
+        self.stats.batches += 1
+        self.stats.pairs += len(items)
+        self.stats.size_histogram[len(items)] = self.stats.size_histogram.get(len(items), 0) + 1
+        for item, probs in zip(items, probabilities):
+            self.stats.queue_wait_s.append(now - item.enqueued_at)
+            item.loop.call_soon_threadsafe(_resolve, item.future, probs)
+        if len(self.stats.queue_wait_s) > 10_000:
+            del self.stats.queue_wait_s[:5_000]
+
+    def _fail(self, items: list[_Item], exc: Exception) -> None:
+        error = InferenceFailed(f"inference failed for this batch: {type(exc).__name__}")
+        for item in items:
+            item.loop.call_soon_threadsafe(_reject, item.future, error)
+
+
+def _resolve(future: asyncio.Future, value: list[float]) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reject(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,87 @@
+"""NLI domain rules: which adapter each pair uses, text limits, and mapping probabilities to labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.errors import InvalidInput
+from app.services.adapter_registry import AdapterRegistry, LoadedAdapter
+
+
+class PairBatcher(Protocol):
+    async def submit(self, premises: list[str], hypotheses: list[str], adapters: list) -> list[list[float]]: ...
+
+
+@dataclass(frozen=True)
+class PairInput:
+    premise: str
+    hypothesis: str
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    scores: dict[str, float]
+    adapter: str
+
+
+class NLIService:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        batcher: PairBatcher,
+        *,
+        default_adapter: str,
+        max_text_chars: int,
+        max_pairs_per_request: int,
+    ):
+        self.registry = registry
+        self.batcher = batcher
+        self.default_adapter = default_adapter
+        self.max_text_chars = max_text_chars
+        self.max_pairs_per_request = max_pairs_per_request
+
+    def _check_text(self, pairs: list[PairInput], prefix: str) -> None:
+        problems = []
+        for i, pair in enumerate(pairs):
+            where = f"{prefix}[{i}]." if prefix else ""
+            for field_name, text in (("premise", pair.premise), ("hypothesis", pair.hypothesis)):
+                if not text.strip():
+                    problems.append({"field": where + field_name, "type": "empty", "message": "must not be blank"})
+                elif len(text) > self.max_text_chars:
+                    problems.append(
+                        {
+                            "field": where + field_name,
+                            "type": "too_long",
+                            "message": f"longer than {self.max_text_chars} characters",
+                        }
+                    )
+        if problems:
+            names = ", ".join(p["field"] for p in problems[:10])
+            raise InvalidInput(f"invalid text: {names}", details={"fields": problems})
+
+    async def classify(self, pairs: list[PairInput], *, batch_field: str = "") -> list[Classification]:
+        """Classify pairs, each with its own adapter, in input order. `batch_field` names the list
+        in error details (`pairs`), or is empty for a single pair."""
+        if batch_field and len(pairs) > self.max_pairs_per_request:
+            raise InvalidInput(
+                f"at most {self.max_pairs_per_request} pairs per request",
+                details={"fields": [{"field": batch_field, "type": "too_long", "message": f"{len(pairs)} pairs"}]},
+            )
+        self._check_text(pairs, batch_field)
+        names = [pair.adapter or self.default_adapter for pair in pairs]
+        resolved: dict[str, LoadedAdapter] = {}
+        for name in dict.fromkeys(names):
+            resolved[name] = self.registry.resolve(name)
+        adapters = [resolved[name] for name in names]
+        probabilities = await self.batcher.submit(
+            [p.premise for p in pairs], [p.hypothesis for p in pairs], adapters
+        )
+        results = []
+        for name, adapter, probs in zip(names, adapters, probabilities):
+            scores = dict(zip(adapter.labels, probs))
+            best = max(range(len(probs)), key=probs.__getitem__)
+            results.append(Classification(label=adapter.labels[best], scores=scores, adapter=name))
+        return results
