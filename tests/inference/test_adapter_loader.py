@@ -1,0 +1,215 @@
+"""Every way an adapter can be bad is caught at load time, with the right kind of error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.inference.adapter_loader import AdapterLoadError, sha256_file
+from app.inference.engine import NLIEngine
+from training.synthetic_adapter import write_random_adapter
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_roberta_spec):
+    return NLIEngine(tiny_roberta_spec, device="cpu")
+
+
+@pytest.fixture
+def good(tmp_path, roberta_adapters) -> Path:
+    target = tmp_path / "good"
+    shutil.copytree(roberta_adapters / "alpha", target)
+    return target
+
+
+def _rewrite_metadata(path: Path, **changes) -> None:
+    meta = json.loads((path / "metadata.json").read_text())
+    meta.update(changes)
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def _rewrite_weights(path: Path, change) -> None:
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    _refresh_checksums(path)
+
+
+def _refresh_checksums(path: Path) -> None:
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["files"] = {name: sha256_file(path / name) for name in meta["files"]}
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def _first_key(tensors, part: str) -> str:
+    return next(k for k in sorted(tensors) if f"lora_{part}" in k)
+
+
+def corrupt_safetensors(p: Path) -> None:
+    (p / "adapter_model.safetensors").write_bytes(b"\x00\x01not a safetensors file")
+    _refresh_checksums(p)
+
+
+def truncated_safetensors(p: Path) -> None:
+    data = (p / "adapter_model.safetensors").read_bytes()
+    (p / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    _refresh_checksums(p)
+
+
+def pickle_instead(p: Path) -> None:
+    (p / "adapter_model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, p / "adapter_model.bin")
+
+
+def pickle_dressed_as_safetensors(p: Path) -> None:
+    torch.save({"x": torch.zeros(1)}, p / "adapter_model.safetensors")
+    _refresh_checksums(p)
+
+
+def modified_after_training(p: Path) -> None:
+    tensors = load_file(str(p / "adapter_model.safetensors"))
+    key = _first_key(tensors, "B")
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(p / "adapter_model.safetensors"))  # checksums NOT refreshed
+
+
+def other_base(p: Path) -> None:
+    _rewrite_metadata(p, base={"id": "roberta-large", "fingerprint": "sha256:" + "0" * 64})
+
+
+def wrong_rank_shapes(p: Path) -> None:
+    def change(t):
+        key = _first_key(t, "A")
+        t[key] = torch.zeros(t[key].shape[0] + 1, t[key].shape[1])
+
+    _rewrite_weights(p, change)
+
+
+def nan_weights(p: Path) -> None:
+    def change(t):
+        key = _first_key(t, "B")
+        t[key] = torch.full_like(t[key], float("nan"))
+
+    _rewrite_weights(p, change)
+
+
+def unknown_tensor(p: Path) -> None:
+    _rewrite_weights(p, lambda t: t.__setitem__("base_model.model.roberta.embeddings.word_embeddings.weight", torch.zeros(2, 2)))
+
+
+def missing_lora_b(p: Path) -> None:
+    _rewrite_weights(p, lambda t: t.pop(_first_key(t, "B")))
+
+
+def no_head(p: Path) -> None:
+    _rewrite_weights(p, lambda t: [t.pop(k) for k in [k for k in t if "classifier" in k]])
+
+
+def labels_do_not_fit_head(p: Path) -> None:
+    _rewrite_metadata(p, labels=["yes", "no"])
+
+
+def duplicate_labels(p: Path) -> None:
+    _rewrite_metadata(p, labels=["a", "a", "b"])
+
+
+def dora(p: Path) -> None:
+    config = json.loads((p / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (p / "adapter_config.json").write_text(json.dumps(config))
+    _refresh_checksums(p)
+
+
+def not_lora(p: Path) -> None:
+    config = json.loads((p / "adapter_config.json").read_text())
+    config["peft_type"] = "IA3"
+    (p / "adapter_config.json").write_text(json.dumps(config))
+    _refresh_checksums(p)
+
+
+def missing_metadata(p: Path) -> None:
+    (p / "metadata.json").unlink()
+
+
+def metadata_not_json(p: Path) -> None:
+    (p / "metadata.json").write_text("{not json")
+
+
+def unknown_format(p: Path) -> None:
+    _rewrite_metadata(p, format_version=99)
+
+
+def missing_config(p: Path) -> None:
+    (p / "adapter_config.json").unlink()
+    meta = json.loads((p / "metadata.json").read_text())
+    meta["files"].pop("adapter_config.json")
+    (p / "metadata.json").write_text(json.dumps(meta))
+
+
+BAD_ADAPTERS = [
+    corrupt_safetensors,
+    truncated_safetensors,
+    pickle_instead,
+    pickle_dressed_as_safetensors,
+    modified_after_training,
+    other_base,
+    wrong_rank_shapes,
+    nan_weights,
+    unknown_tensor,
+    missing_lora_b,
+    no_head,
+    labels_do_not_fit_head,
+    duplicate_labels,
+    dora,
+    not_lora,
+    missing_metadata,
+    metadata_not_json,
+    unknown_format,
+    missing_config,
+]
+
+
+def test_good_adapter_loads(engine, good):
+    adapter = engine.load_adapter("good", good)
+    assert adapter.labels == ("entailment", "neutral", "contradiction")
+    assert adapter.rank == 16
+    assert adapter.target_modules == ("query", "value")
+    assert adapter.size_bytes == (good / "adapter_model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("damage", BAD_ADAPTERS, ids=lambda f: f.__name__)
+def test_bad_adapter_is_refused_at_load(engine, good, damage):
+    damage(good)
+    with pytest.raises(AdapterLoadError) as caught:
+        engine.load_adapter("bad", good)
+    assert caught.value.kind == "invalid"
+    assert caught.value.message
+
+
+def test_missing_directory_is_not_found(engine, tmp_path):
+    with pytest.raises(AdapterLoadError) as caught:
+        engine.load_adapter("gone", tmp_path / "does-not-exist")
+    assert caught.value.kind == "not_found"
+
+
+def test_adapter_of_the_embedded_base_is_refused_on_roberta(engine, embedded_adapters):
+    with pytest.raises(AdapterLoadError, match="another base"):
+        engine.load_adapter("alpha", embedded_adapters / "alpha")
+
+
+def test_rslora_scaling_is_honoured(engine, tiny_roberta_spec, tmp_path):
+    path = write_random_adapter(tiny_roberta_spec, tmp_path / "rs", name="rs", rank=4, alpha=8, seed=5)
+    plain = engine.load_adapter("rs", path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["use_rslora"] = True
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    _refresh_checksums(path)
+    scaled = engine.load_adapter("rs", path)
+    module = next(iter(plain.b))
+    # alpha/r = 2 versus alpha/sqrt(r) = 4
+    assert torch.allclose(scaled.b[module], plain.b[module] * 2)

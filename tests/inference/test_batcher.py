@@ -1,0 +1,164 @@
+"""The batcher: coalescing, input order, admission control, failures and cancellations, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from app.errors import InferenceFailed, Overloaded
+from app.inference.batcher import Batcher
+from app.inference.engine import EncodedPair
+from app.inference.residency import Residency
+
+
+class FakeEngine:
+    """Encodes a pair as len(premise) tokens; answers [len(premise), adapter id]; can block or fail."""
+
+    def __init__(self):
+        import torch
+
+        self.residency = Residency(torch.device("cpu"), torch.float32, capacity=8)
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on: str | None = None
+
+    def encode(self, premises, hypotheses):
+        return [EncodedPair(list(range(len(p))), None) for p in premises]
+
+    def run(self, pairs, adapters):
+        self.entered.set()
+        self.gate.wait(10)
+        names = [a.name for a in adapters]
+        self.batches.append(names)
+        if self.fail_on in names:
+            raise RuntimeError("injected")
+        return [[float(len(p)), float(a.ident)] for p, a in zip(pairs, adapters)]
+
+
+class Tag:
+    def __init__(self, name, ident):
+        self.name, self.ident = name, ident
+
+
+A, B = Tag("a", 1), Tag("b", 2)
+
+
+def make(engine, **kw):
+    options = dict(max_batch_pairs=4, max_batch_tokens=10_000, max_wait_ms=20, max_queue_pairs=100)
+    options.update(kw)
+    batcher = Batcher(engine, **options)
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_requests_are_coalesced_in_order():
+    engine = FakeEngine()
+    batcher = make(engine)
+
+    async def main():
+        return await asyncio.gather(
+            batcher.submit(["x" * 5, "x" * 1], ["h", "h"], [A, B]),
+            batcher.submit(["x" * 3], ["h"], [B]),
+            batcher.submit(["x" * 2, "x" * 9], ["h", "h"], [A, A]),
+        )
+
+    results = asyncio.run(main())
+    batcher.stop()
+    assert results == [[[5.0, 1.0], [1.0, 2.0]], [[3.0, 2.0]], [[2.0, 1.0], [9.0, 1.0]]]
+    assert sum(len(b) for b in engine.batches) == 5
+    assert all(len(b) <= 4 for b in engine.batches)
+    assert len(engine.batches) == 2  # five pairs, at most four a batch
+
+
+def test_split_sorts_by_length_and_respects_budgets():
+    engine = FakeEngine()
+    batcher = Batcher(engine, max_batch_pairs=3, max_batch_tokens=20, max_wait_ms=0, max_queue_pairs=10)
+    encoded = [EncodedPair([0] * n, None) for n in (9, 1, 8, 2, 3, 10)]
+    order = sorted(range(6), key=lambda i: len(encoded[i]))
+    batches = batcher._split(order, encoded)
+    assert batches == [[1, 3, 4], [2, 0], [5]]  # 3 pairs max; then 2x9=18 fits 20 tokens, 3x10 does not
+
+
+def test_full_queue_fails_fast_with_retry_after():
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_queue_pairs=3, max_batch_pairs=1, max_wait_ms=0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(["a"], ["h"], [A]))
+        await asyncio.to_thread(engine.entered.wait, 5)  # the worker holds one pair
+        queued = asyncio.ensure_future(batcher.submit(["b", "c"], ["h", "h"], [A, A]))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as caught:
+            await batcher.submit(["d", "e"], ["h", "h"], [A, A])
+        assert caught.value.retry_after_s >= 1
+        engine.gate.set()
+        return await first, await queued
+
+    first, queued = asyncio.run(main())
+    batcher.stop()
+    assert first == [[1.0, 1.0]] and queued == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def test_failed_batch_fails_its_members_and_the_worker_goes_on():
+    engine = FakeEngine()
+    engine.fail_on = "b"
+    batcher = make(engine, max_batch_pairs=8)
+
+    async def main():
+        bad = await asyncio.gather(batcher.submit(["aa", "bb"], ["h", "h"], [A, B]), return_exceptions=True)
+        engine.fail_on = None
+        good = await batcher.submit(["aa"], ["h"], [A])
+        return bad, good
+
+    bad, good = asyncio.run(main())
+    batcher.stop()
+    assert isinstance(bad[0], InferenceFailed)
+    assert good == [[2.0, 1.0]]
+    assert batcher.stats.failed_batches == 1
+
+
+def test_cancelled_request_never_reaches_the_engine():
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_pairs=1, max_wait_ms=0)
+
+    async def main():
+        blocker = asyncio.ensure_future(batcher.submit(["first"], ["h"], [A]))
+        await asyncio.to_thread(engine.entered.wait, 5)
+        gone = asyncio.ensure_future(batcher.submit(["gone"], ["h"], [B]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        engine.gate.set()
+        await blocker
+        return await batcher.submit(["after"], ["h"], [A])
+
+    assert asyncio.run(main()) == [[5.0, 1.0]]
+    batcher.stop()
+    assert ["b"] not in engine.batches
+    assert engine.residency._in_use == {}  # every acquire was released
+
+
+def test_stop_answers_what_is_queued_then_refuses():
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_batch_pairs=1, max_wait_ms=0)
+
+    async def main():
+        pending = [asyncio.ensure_future(batcher.submit([f"p{i}"], ["h"], [A])) for i in range(3)]
+        await asyncio.to_thread(engine.entered.wait, 5)
+        stopper = asyncio.ensure_future(asyncio.to_thread(batcher.stop))
+        while not batcher._stopping:  # wait until stop() has begun
+            await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.submit(["late"], ["h"], [A])
+        engine.gate.set()
+        await stopper
+        return await asyncio.gather(*pending)
+
+    assert asyncio.run(main()) == [[[2.0, 1.0]], [[2.0, 1.0]], [[2.0, 1.0]]]

@@ -1,0 +1,96 @@
+"""The correctness oracle: the engine's probabilities equal PEFT's for that adapter alone and after
+merge_and_unload(), within 1e-4 on CPU fp32, whether the adapter's rows run alone or mixed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from app.inference.base_model import build_classifier, load_tokenizer
+from app.inference.engine import NLIEngine
+from tests.conftest import SYNTHETIC_ADAPTERS
+
+PAIRS = [
+    ("A man is playing a guitar on stage.", "A person plays music."),
+    ("Two dogs run through a field.", "Animals are moving quickly across a field of tall grass near a river."),
+    ("The cat sat on the mat while the sun was shining brightly outside.", "A cat is outside."),
+    ("Nobody came.", "Everyone came to the party that was held at the old house on the hill last night."),
+    ("Stocks fell sharply on Monday.", "Markets rose."),
+    ("She reads.", "She is reading a book."),
+]
+NAMES = [name for name, *_ in SYNTHETIC_ADAPTERS]
+TOLERANCE = 1e-4
+
+
+def reference(spec, adapter_dir, labels, merged: bool) -> list[list[float]]:
+    """What plain PEFT gives for every pair with this adapter alone, one pair at a time."""
+    model = PeftModel.from_pretrained(build_classifier(spec, num_labels=len(labels)), str(adapter_dir))
+    if merged:
+        model = model.merge_and_unload()
+    model.eval()
+    tok = load_tokenizer(spec)
+    out = []
+    with torch.no_grad():
+        for premise, hypothesis in PAIRS:
+            encoded = tok(premise, hypothesis, truncation=True, max_length=256, return_tensors="pt")
+            out.append(torch.softmax(model(**encoded).logits, dim=-1)[0].tolist())
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny-roberta", "embedded"])
+def setup(request, tiny_roberta_spec, roberta_adapters, embedded_spec, embedded_adapters):
+    spec, root = (
+        (tiny_roberta_spec, roberta_adapters) if request.param == "tiny-roberta" else (embedded_spec, embedded_adapters)
+    )
+    engine = NLIEngine(spec, device="cpu", max_seq_len=256)
+    adapters = {name: engine.load_adapter(name, root / name) for name in NAMES}
+    references = {
+        (name, merged): reference(spec, root / name, adapters[name].labels, merged)
+        for name in NAMES
+        for merged in (False, True)
+    }
+    return engine, adapters, references
+
+
+def assert_close(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want)
+    assert max(abs(a - b) for a, b in zip(got, want)) < TOLERANCE, (got, want)
+
+
+def test_references_are_not_trivial(setup):
+    # Guards the oracle itself: distinct adapters must disagree, or equality would prove nothing.
+    _, _, references = setup
+    alpha, gamma = references[("alpha", False)], references[("gamma", False)]
+    assert max(abs(a - b) for row_a, row_b in zip(alpha, gamma) for a, b in zip(row_a, row_b)) > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_single_adapter_batch_matches_peft_and_merged(setup, name):
+    engine, adapters, references = setup
+    encoded = engine.encode([p for p, _ in PAIRS], [h for _, h in PAIRS])
+    got = engine.run(encoded, [adapters[name]] * len(PAIRS))
+    for row, probs in enumerate(got):
+        assert_close(probs, references[(name, False)][row])
+        assert_close(probs, references[(name, True)][row])
+
+
+def test_mixed_batch_matches_each_adapter_alone(setup):
+    engine, adapters, references = setup
+    # Every adapter appears on several rows, interleaved, with different ranks, label sets and targets.
+    rows = [(i % len(PAIRS), NAMES[(i * 7) % len(NAMES)]) for i in range(len(PAIRS) * len(NAMES))]
+    encoded = engine.encode([PAIRS[i][0] for i, _ in rows], [PAIRS[i][1] for i, _ in rows])
+    got = engine.run(encoded, [adapters[name] for _, name in rows])
+    for (pair_index, name), probs in zip(rows, got):
+        assert_close(probs, references[(name, False)][pair_index])
+        assert_close(probs, references[(name, True)][pair_index])
+
+
+def test_base_is_never_modified(setup):
+    engine, adapters, _ = setup
+    before = {k: v.clone() for k, v in engine.encoder.state_dict().items()}
+    encoded = engine.encode([PAIRS[0][0]], [PAIRS[0][1]])
+    for name in NAMES:
+        engine.run(encoded, [adapters[name]])
+    after = engine.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
