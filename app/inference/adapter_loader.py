@@ -182,8 +182,7 @@ def _split_tensors(
         (lora_a if match.group("part") == "A" else lora_b)[module] = tensor
     if set(lora_a) != set(lora_b):
         raise AdapterLoadError("invalid", "every LoRA module needs both lora_A and lora_B")
-    if not lora_a:
-        raise AdapterLoadError("invalid", f"{WEIGHTS_FILE} holds no LoRA weights")
+    # No LoRA tensors at all is allowed: a head-only adapter (a linear probe on the frozen base).
     if not head:
         raise AdapterLoadError("invalid", f"{WEIGHTS_FILE} holds no classification head (modules_to_save)")
     return lora_a, lora_b, head

@@ -94,3 +94,38 @@ def test_base_is_never_modified(setup):
         engine.run(encoded, [adapters[name]])
     after = engine.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_head_only_adapter_is_the_base_plus_its_head(tiny_roberta_spec, roberta_adapters, tmp_path):
+    """An adapter with a head and no LoRA tensors (a linear probe; also how the merged ceiling is served)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from app.inference.adapter_loader import sha256_file
+
+    source, target = roberta_adapters / "alpha", tmp_path / "probe"
+    shutil.copytree(source, target)
+    head = {k: v for k, v in load_file(str(source / "adapter_model.safetensors")).items() if ".classifier." in k}
+    save_file(head, str(target / "adapter_model.safetensors"))
+    config = json.loads((target / "adapter_config.json").read_text())
+    config["target_modules"] = []
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    meta = json.loads((target / "metadata.json").read_text())
+    meta["files"] = {name: sha256_file(target / name) for name in meta["files"]}
+    (target / "metadata.json").write_text(json.dumps(meta))
+
+    engine = NLIEngine(tiny_roberta_spec, device="cpu")
+    probe = engine.load_adapter("probe", target)
+    assert probe.target_modules == () and probe.a == {}
+
+    model = build_classifier(tiny_roberta_spec, num_labels=3).eval()
+    model.classifier.load_state_dict({k.split(".classifier.", 1)[1]: v for k, v in head.items()})
+    tok = load_tokenizer(tiny_roberta_spec)
+    encoded = engine.encode([p for p, _ in PAIRS], [h for _, h in PAIRS])
+    got = engine.run(encoded, [probe] * len(PAIRS))
+    with torch.no_grad():
+        for (premise, hypothesis), probs in zip(PAIRS, got):
+            x = tok(premise, hypothesis, truncation=True, max_length=256, return_tensors="pt")
+            assert_close(probs, torch.softmax(model(**x).logits, dim=-1)[0].tolist())

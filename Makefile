@@ -1,0 +1,23 @@
+# A newcomer's two commands: `make serve` and `make test`. Both create .venv and install first.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch 2.13.0 (what CI uses). On a GPU host: make serve TORCH="torch==2.13.0" with CUDA wheels.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: install serve test
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+serve: install
+	$(VENV)/bin/loraswap-serve
+
+test: install
+	$(PY) -m pytest

@@ -1,0 +1,33 @@
+"""`loraswap-serve`: run the service with uvicorn, one worker process (batching happens inside it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from app.config import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="loraswap-serve",
+        description="Serve NLI LoRA adapters over one frozen encoder, and the fraud scorer. Every setting "
+        "is also read from LORASWAP_* environment variables (see the README's settings table); the "
+        "options here override the host, port and log level only.",
+    )
+    parser.add_argument("--host", default=defaults.host, help=f"interface to bind (default {defaults.host})")
+    parser.add_argument("--port", type=int, default=defaults.port, help=f"TCP port (default {defaults.port})")
+    parser.add_argument(
+        "--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"], help="log level"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One worker on purpose: several would each load the base model; concurrency comes from batching.
+    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level, workers=1)
+
+
+if __name__ == "__main__":
+    main()
