@@ -10,9 +10,11 @@ import anyio
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from app.api.routes import adapters, health, nli
+from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from app.api.routes import adapters, health, metrics, nli
+from app.api.routes import fraud
 from app.config import Settings
+from app.services.metrics import Metrics
 from app.services.readiness import Readiness
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,12 @@ def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_batch_wait_ms,
         max_queue_pairs=settings.max_queue_pairs,
+        observer=app.state.metrics,
     )
     batcher.start()
+    app.state.metrics.state.queue_depth = lambda: batcher.pending_pairs
+    residency = engine.residency
+    app.state.metrics.state.residency = lambda: (residency.resident_count(), residency.loads, residency.evictions)
     app.state.nli_engine = engine
     app.state.adapter_registry = registry
     app.state.batcher = batcher
@@ -81,9 +87,10 @@ def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
         default_adapter=settings.default_adapter,
         max_text_chars=settings.max_text_chars,
         max_pairs_per_request=settings.max_pairs_per_request,
+        metrics=app.state.metrics,
     )
     app.state.adapter_service = AdapterService(
-        registry, roots=settings.all_adapter_roots(), admin_token=settings.admin_token
+        registry, roots=settings.all_adapter_roots(), admin_token=settings.admin_token, metrics=app.state.metrics
     )
     if settings.default_adapter in registry.ready_names():
         readiness.set_ready("nli")
@@ -122,11 +129,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(fraud.router)
     app.include_router(nli.router)
     app.include_router(adapters.router)
+    app.include_router(metrics.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app
 

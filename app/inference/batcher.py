@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from app.errors import InferenceFailed, Overloaded
 from app.inference.adapter_loader import AdapterWeights
@@ -30,13 +31,19 @@ class _Item:
 
 @dataclass
 class BatchStats:
-    """Running totals the metrics and the benchmark read; written by the worker only."""
+    """Running totals, written by the worker only."""
 
     batches: int = 0
     pairs: int = 0
     failed_batches: int = 0
     size_histogram: dict[int, int] = field(default_factory=dict)
-    queue_wait_s: list[float] = field(default_factory=list)
+
+
+class BatchObserver(Protocol):
+    """Told about every batch (from the worker thread): the metrics implement it."""
+
+    def observe_batch(self, size: int, queue_waits_s: list[float]) -> None: ...
+    def observe_failed_batch(self) -> None: ...
 
 
 class Batcher:
@@ -54,8 +61,10 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         max_queue_pairs: int,
+        observer: BatchObserver | None = None,
     ):
         self.engine = engine
+        self.observer = observer
         self.max_batch_pairs = max_batch_pairs
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
@@ -179,16 +188,17 @@ class Batcher:
         except Exception as exc:
             logger.exception("batch of %d pairs failed", len(items))
             self.stats.failed_batches += 1
+            if self.observer is not None:
+                self.observer.observe_failed_batch()
             self._fail(items, exc)
             return
+        for item, probs in zip(items, probabilities):
+            item.loop.call_soon_threadsafe(_resolve, item.future, probs)
         self.stats.batches += 1
         self.stats.pairs += len(items)
         self.stats.size_histogram[len(items)] = self.stats.size_histogram.get(len(items), 0) + 1
-        for item, probs in zip(items, probabilities):
-            self.stats.queue_wait_s.append(now - item.enqueued_at)
-            item.loop.call_soon_threadsafe(_resolve, item.future, probs)
-        if len(self.stats.queue_wait_s) > 10_000:
-            del self.stats.queue_wait_s[:5_000]
+        if self.observer is not None:
+            self.observer.observe_batch(len(items), [now - item.enqueued_at for item in items])
 
     def _fail(self, items: list[_Item], exc: Exception) -> None:
         error = InferenceFailed(f"inference failed for this batch: {type(exc).__name__}")

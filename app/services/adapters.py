@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import time
 from pathlib import Path
 
 import anyio
 
-from app.errors import Forbidden, PathNotAllowed, Unauthorized
+from app.errors import Forbidden, PathNotAllowed, ServiceError, Unauthorized
 from app.services.adapter_registry import AdapterEntry, AdapterRegistry, check_name
+from app.services.metrics import Metrics
 
 
 def is_loopback(host: str | None) -> bool:
@@ -24,8 +26,11 @@ def is_loopback(host: str | None) -> bool:
 
 
 class AdapterService:
-    def __init__(self, registry: AdapterRegistry, *, roots: list[Path], admin_token: str | None):
+    def __init__(
+        self, registry: AdapterRegistry, *, roots: list[Path], admin_token: str | None, metrics: Metrics | None = None
+    ):
         self.registry = registry
+        self.metrics = metrics
         self.roots = [Path(r).resolve() for r in roots]
         self.admin_token = admin_token
 
@@ -61,7 +66,17 @@ class AdapterService:
     async def load(self, name: str, raw_path: str) -> AdapterEntry:
         check_name(name)
         path = self.resolve_path(raw_path)
-        return await anyio.to_thread.run_sync(self.registry.load, name, path)
+        started = time.perf_counter()
+        try:
+            entry = await anyio.to_thread.run_sync(self.registry.load, name, path)
+        except ServiceError as exc:
+            if self.metrics is not None:
+                self.metrics.adapter_loads.labels(exc.code).inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.adapter_loads.labels("ok").inc()
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        return entry
 
     async def unload(self, name: str) -> AdapterEntry:
         return self.registry.unload(name)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.errors import InvalidInput
+from app.errors import InvalidInput, ServiceError
 from app.services.adapter_registry import AdapterRegistry, LoadedAdapter
+from app.services.metrics import Metrics
 
 
 class PairBatcher(Protocol):
@@ -36,7 +39,9 @@ class NLIService:
         default_adapter: str,
         max_text_chars: int,
         max_pairs_per_request: int,
+        metrics: Metrics | None = None,
     ):
+        self.metrics = metrics
         self.registry = registry
         self.batcher = batcher
         self.default_adapter = default_adapter
@@ -76,12 +81,26 @@ class NLIService:
         for name in dict.fromkeys(names):
             resolved[name] = self.registry.resolve(name)
         adapters = [resolved[name] for name in names]
-        probabilities = await self.batcher.submit(
-            [p.premise for p in pairs], [p.hypothesis for p in pairs], adapters
-        )
+        started = time.perf_counter()
+        try:
+            probabilities = await self.batcher.submit(
+                [p.premise for p in pairs], [p.hypothesis for p in pairs], adapters
+            )
+        except ServiceError as exc:
+            self._count(names, exc.code, None)
+            raise
+        self._count(names, "ok", time.perf_counter() - started)
         results = []
         for name, adapter, probs in zip(names, adapters, probabilities):
             scores = dict(zip(adapter.labels, probs))
             best = max(range(len(probs)), key=probs.__getitem__)
             results.append(Classification(label=adapter.labels[best], scores=scores, adapter=name))
         return results
+
+    def _count(self, names: list[str], outcome: str, elapsed_s: float | None) -> None:
+        if self.metrics is None:
+            return
+        for name, count in Counter(names).items():
+            self.metrics.adapter_pairs.labels(name, outcome).inc(count)
+            if elapsed_s is not None:
+                self.metrics.adapter_latency.labels(name).observe(elapsed_s)

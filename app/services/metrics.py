@@ -1,0 +1,84 @@
+"""Prometheus metrics of one app instance: requests, latency, batches, queue, adapters, fraud scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class _StateCollector(Collector):
+    """Values read from the live components at scrape time (queue depth, residency counters)."""
+
+    def __init__(self) -> None:
+        self.queue_depth: Callable[[], int] | None = None
+        self.residency: Callable[[], tuple[int, int, int]] | None = None  # resident, moves in, evictions
+
+    def collect(self) -> Iterable:
+        if self.queue_depth is not None:
+            yield GaugeMetricFamily("loraswap_queue_depth_pairs", "Pairs waiting in the batch queue.", self.queue_depth())
+        if self.residency is not None:
+            resident, moves, evictions = self.residency()
+            yield GaugeMetricFamily("loraswap_resident_adapters", "Adapters on the device now.", resident)
+            yield CounterMetricFamily("loraswap_adapter_moves", "Adapters moved onto the device.", moves)
+            yield CounterMetricFamily("loraswap_adapter_evictions", "Adapters evicted from the device.", evictions)
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) never share counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.state = _StateCollector()
+        self.registry.register(self.state)
+        self.requests = Counter(
+            "loraswap_http_requests", "HTTP requests by route and status.", ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "loraswap_http_request_seconds", "HTTP request latency by route.", ["route", "method"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.adapter_pairs = Counter(
+            "loraswap_nli_pairs", "NLI pairs answered, by adapter and outcome.", ["adapter", "outcome"],
+            registry=self.registry,
+        )
+        self.adapter_latency = Histogram(
+            "loraswap_nli_request_seconds", "NLI request latency by adapter (a batch request counts per adapter).",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "loraswap_batch_size", "Pairs per forward pass.", buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "loraswap_queue_wait_seconds", "Time a pair waited in the queue before its forward pass.",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.failed_batches = Counter(
+            "loraswap_failed_batches", "Forward passes that raised.", registry=self.registry
+        )
+        self.adapter_loads = Counter(
+            "loraswap_adapter_loads", "Adapter loads through the API or at startup, by outcome.", ["outcome"],
+            registry=self.registry,
+        )
+        self.adapter_load_seconds = Histogram(
+            "loraswap_adapter_load_seconds", "Time to read and validate an adapter.", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.fraud_scored = Counter(
+            "loraswap_fraud_transactions", "Transactions scored, by decision.", ["decision"], registry=self.registry
+        )
+
+    # The batcher's observer interface (called from its worker thread; prometheus_client is thread-safe).
+    def observe_batch(self, size: int, queue_waits_s: list[float]) -> None:
+        self.batch_size.observe(size)
+        for wait in queue_waits_s:
+            self.queue_wait.observe(wait)
+
+    def observe_failed_batch(self) -> None:
+        self.failed_batches.inc()

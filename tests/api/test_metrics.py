@@ -1,0 +1,36 @@
+"""GET /metrics exposes request, adapter, batch and queue series after real traffic."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+
+
+def value(text: str, series: str) -> float:
+    match = re.search(r"^" + re.escape(series) + r" ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, f"{series} not in /metrics"
+    return float(match.group(1))
+
+
+def test_metrics_after_traffic(embedded_adapters):
+    settings = Settings(fraud_enabled=False, adapters_dir=embedded_adapters, default_adapter="alpha")
+    with TestClient(create_app(settings)) as client:
+        for _ in range(3):
+            assert client.post("/nli", json={"premise": "a b", "hypothesis": "c"}).status_code == 200
+        assert client.post("/nli", json={"premise": "a", "hypothesis": "b", "adapter": "nope"}).status_code == 404
+        assert client.get("/adapters/nope").status_code == 404
+        text = client.get("/metrics").text
+    assert value(text, 'loraswap_nli_pairs_total{adapter="alpha",outcome="ok"}') == 3
+    assert value(text, "loraswap_batch_size_count") >= 1
+    assert value(text, "loraswap_batch_size_sum") == 3
+    assert value(text, "loraswap_queue_wait_seconds_count") == 3
+    assert value(text, 'loraswap_http_requests_total{method="POST",route="/nli",status="200"}') == 3
+    assert value(text, 'loraswap_http_requests_total{method="POST",route="/nli",status="404"}') == 1
+    # The route template, never the raw path, labels a request.
+    assert value(text, 'loraswap_http_requests_total{method="GET",route="/adapters/{name}",status="404"}') == 1
+    assert value(text, "loraswap_queue_depth_pairs") == 0
+    assert value(text, "loraswap_resident_adapters") >= 1
