@@ -16,6 +16,11 @@ from app.inference.residency import DeviceAdapter, Residency
 
 logger = logging.getLogger(__name__)
 
+# Side-by-side LoRA matrices are used while their summed rank stays under an eighth of the layer's
+# width (or this floor): beyond that, the extra GEMM columns cost more than gathering per row.
+STACKED_RANK_FLOOR = 64
+STACKED_WIDTH_DIVISOR = 8
+
 
 @dataclass(frozen=True)
 class EncodedPair:
@@ -156,26 +161,40 @@ class NLIEngine:
         if len(distinct) == 1:
             only = on_device[distinct[0]]
             return {m: ModuleDelta(only.a[m], only.b[m]) for m in modules}
-        slot_of = {adapter: i + 1 for i, adapter in enumerate(distinct)}  # slot 0 = no delta
-        rank = max(a.rank for a in distinct)
+        index_of = {adapter: i for i, adapter in enumerate(distinct)}
+        row_index = torch.tensor([index_of[a] for a in row_adapters], device=self.device)  # [batch]
         deltas: dict[str, ModuleDelta] = {}
         for module in modules:
+            present = [a for a in distinct if module in on_device[a].a]
+            total_rank = sum(a.rank for a in present)
             in_features, out_features = self.base_info.linear_shapes[module]
-            a_stack = torch.zeros((len(distinct) + 1, rank, in_features), device=self.device, dtype=self.dtype)
-            b_stack = torch.zeros((len(distinct) + 1, out_features, rank), device=self.device, dtype=self.dtype)
-            present = []
-            for adapter in distinct:
-                copy_on_device = on_device[adapter]
-                if module in copy_on_device.a:
-                    slot, r = slot_of[adapter], adapter.rank
-                    a_stack[slot, :r] = copy_on_device.a[module]
-                    b_stack[slot, :, :r] = copy_on_device.b[module]
-                    present.append(adapter)
-            row_slot = torch.tensor(
-                [slot_of[a] if a in present else 0 for a in row_adapters], device=self.device, dtype=torch.long
-            )
-            deltas[module] = ModuleDelta(a_stack, b_stack, row_slot)
+            if total_rank <= max(STACKED_RANK_FLOOR, min(in_features, out_features) // STACKED_WIDTH_DIVISOR):
+                deltas[module] = self._stacked(module, present, index_of, row_index, on_device)
+            else:
+                deltas[module] = self._gathered(module, present, index_of, row_index, on_device)
         return deltas
+
+    def _stacked(self, module, present, index_of, row_index, on_device) -> ModuleDelta:
+        a = torch.cat([on_device[x].a[module] for x in present], dim=0)  # [R, in]
+        b = torch.cat([on_device[x].b[module] for x in present], dim=1)  # [out, R]
+        owner = torch.tensor(
+            [index_of[x] for x in present for _ in range(x.rank)], device=self.device
+        )  # [R]: which adapter each column belongs to
+        mask = (row_index[:, None] == owner[None, :]).to(self.dtype).unsqueeze(1)  # [batch, 1, R]
+        return ModuleDelta(a, b, column_mask=mask)
+
+    def _gathered(self, module, present, index_of, row_index, on_device) -> ModuleDelta:
+        in_features, out_features = self.base_info.linear_shapes[module]
+        rank = max(x.rank for x in present)
+        a = torch.zeros((len(present) + 1, rank, in_features), device=self.device, dtype=self.dtype)
+        b = torch.zeros((len(present) + 1, out_features, rank), device=self.device, dtype=self.dtype)
+        slot_of_index = torch.zeros(len(index_of), dtype=torch.long)
+        for slot, adapter in enumerate(present, start=1):
+            a[slot, : adapter.rank] = on_device[adapter].a[module]
+            b[slot, :, : adapter.rank] = on_device[adapter].b[module]
+            slot_of_index[index_of[adapter]] = slot
+        row_slot = slot_of_index.to(self.device).index_select(0, row_index)  # [batch]
+        return ModuleDelta(a, b, row_slot=row_slot)
 
 
 __all__ = ["NLIEngine", "EncodedPair", "AdapterLoadError", "pick_device"]

@@ -11,16 +11,21 @@ from torch import nn
 
 @dataclass
 class ModuleDelta:
-    """The LoRA matrices one wrapped Linear needs for one batch.
+    """The LoRA matrices one wrapped Linear needs for one batch, in one of three layouts:
 
-    Either `row_slot` is None and `a`/`b` are one adapter's [r, in] / [out, r] (every row uses it),
-    or `a` is [slots, r, in], `b` is [slots, out, r] and `row_slot` [batch] picks each row's slot;
-    slot 0 is all zeros for rows whose adapter does not touch this module. `b` is pre-scaled by
-    alpha / r (or alpha / sqrt(r) for rsLoRA) so the forward does no extra multiply.
+    - single: every row uses one adapter; `a` [r, in], `b` [out, r].
+    - stacked (few adapters): the adapters' matrices side by side, `a` [R, in], `b` [out, R] with
+      R the sum of their ranks, and `column_mask` [batch, 1, R] keeping, for each row, only its own
+      adapter's columns. Two plain GEMMs for the whole batch, whatever the mix.
+    - gathered (many adapters, where R would make those GEMMs costly): `a` [slots, r, in],
+      `b` [slots, out, r] padded to the largest rank, `row_slot` [batch] picks each row's slot, and
+      batched matmuls apply them; slot 0 is zeros for rows whose adapter skips this module.
+    `b` is pre-scaled by alpha / r (alpha / sqrt(r) for rsLoRA), so the forward never rescales.
     """
 
     a: torch.Tensor
     b: torch.Tensor
+    column_mask: torch.Tensor | None = None
     row_slot: torch.Tensor | None = None
 
 
@@ -56,7 +61,10 @@ class MultiLoRALinear(nn.Module):
         if delta is None:
             return out
         if delta.row_slot is None:
-            return out + (x @ delta.a.transpose(0, 1)) @ delta.b.transpose(0, 1)
+            low = x @ delta.a.transpose(0, 1)  # [batch, seq, R] (or [batch, R])
+            if delta.column_mask is not None:
+                low = low * (delta.column_mask if x.dim() == 3 else delta.column_mask.squeeze(1))
+            return out + low @ delta.b.transpose(0, 1)
         rows = x if x.dim() == 3 else x.unsqueeze(1)  # [batch, seq, in]
         a_rows = delta.a.index_select(0, delta.row_slot)  # [batch, r, in]
         b_rows = delta.b.index_select(0, delta.row_slot)  # [batch, out, r]

@@ -75,8 +75,12 @@ def test_single_adapter_batch_matches_peft_and_merged(setup, name):
         assert_close(probs, references[(name, True)][row])
 
 
-def test_mixed_batch_matches_each_adapter_alone(setup):
+@pytest.mark.parametrize("layout", ["stacked", "gathered"])
+def test_mixed_batch_matches_each_adapter_alone(setup, layout, monkeypatch):
     engine, adapters, references = setup
+    if layout == "gathered":  # what many adapters in one batch use
+        monkeypatch.setattr("app.inference.engine.STACKED_RANK_FLOOR", 0)
+        monkeypatch.setattr("app.inference.engine.STACKED_WIDTH_DIVISOR", 10**6)
     # Every adapter appears on several rows, interleaved, with different ranks, label sets and targets.
     rows = [(i % len(PAIRS), NAMES[(i * 7) % len(NAMES)]) for i in range(len(PAIRS) * len(NAMES))]
     encoded = engine.encode([PAIRS[i][0] for i, _ in rows], [PAIRS[i][1] for i, _ in rows])
