@@ -1,0 +1,46 @@
+# loraswap: one uvicorn worker serving NLI LoRA adapters and the fraud scorer.
+# torch from PyPI on linux/x86_64 is a CUDA build: it uses the host's GPU through the NVIDIA
+# container toolkit and falls back to the CPU when none is visible.
+FROM python:3.11.7-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/cache/huggingface
+
+WORKDIR /srv/loraswap
+
+# Dependencies first, in their own cached layers: source changes do not reinstall them.
+RUN pip install torch==2.13.0
+COPY pyproject.toml constraints.txt README.md ./
+RUN mkdir -p app training \
+    && touch app/__init__.py training/__init__.py \
+    && pip install -c constraints.txt . \
+    && pip uninstall -y loraswap \
+    && rm -rf app training build ./*.egg-info
+
+COPY app ./app
+COPY training ./training
+COPY adapters ./adapters
+COPY models ./models
+
+RUN useradd --system --uid 10001 --no-create-home --home-dir /srv/loraswap loraswap \
+    && mkdir -p /cache/huggingface \
+    && chown -R loraswap /cache
+
+USER loraswap
+
+ENV LORASWAP_HOST=0.0.0.0 \
+    LORASWAP_PORT=8000 \
+    LORASWAP_ADAPTERS_DIR=/srv/loraswap/adapters \
+    LORASWAP_FRAUD_MODEL_DIR=/srv/loraswap/models/fraud
+
+EXPOSE 8000
+VOLUME ["/srv/loraswap/adapters", "/srv/loraswap/models", "/cache/huggingface"]
+
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"]
+
+# One worker on purpose: batching happens inside it; more workers would load the model again each.
+CMD ["python", "-m", "app.cli"]
