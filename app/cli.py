@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
 import uvicorn
 
 from app.config import Settings
+from app.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,9 +23,20 @@ def main(argv: list[str] | None = None) -> None:
         "--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"], help="log level"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     # One worker on purpose: several would each load the base model; concurrency comes from batching.
-    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    # SIGTERM stops accepting, lets in-flight requests finish (the batcher answers what is queued),
+    # then runs the app's shutdown.
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        log_config=None,
+        access_log=False,
+        workers=1,
+        timeout_graceful_shutdown=30,
+    )
 
 
 if __name__ == "__main__":

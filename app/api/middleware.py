@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import request_id_var
+
+access_logger = logging.getLogger("loraswap.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -83,7 +88,8 @@ async def _reject(send: Send, max_bytes: int) -> None:
 
 
 class RequestIdMiddleware:
-    """Takes X-Request-ID from the client (or makes one), exposes it in scope state, echoes it back."""
+    """Takes X-Request-ID from the client (or makes one), echoes it back, puts it on every log line
+    written while serving the request, and writes one access line per request (never the body)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -94,16 +100,38 @@ class RequestIdMiddleware:
             return
         given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER, b"").decode("latin-1")
         request_id = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER, request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            access_logger.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope.get("method"),
+                    "route": getattr(route, "path", None) or "unmatched",
+                    "status": status,
+                    "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
+                    "adapter": state.get("adapter"),
+                    "model_version": state.get("model_version"),
+                },
+            )
+            request_id_var.reset(token)
 
 
 class MetricsMiddleware:

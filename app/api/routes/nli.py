@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app.api.deps import NLIServiceDep
 from app.schemas.errors import ErrorResponse
@@ -24,8 +24,9 @@ def _response(result: Classification) -> NLIResponse:
 
 
 @router.post("/nli", response_model=NLIResponse, responses=ERRORS, summary="Classify one premise/hypothesis pair")
-async def create_nli(body: NLIRequest, service: NLIServiceDep) -> NLIResponse:
+async def create_nli(body: NLIRequest, service: NLIServiceDep, request: Request) -> NLIResponse:
     [result] = await service.classify([PairInput(body.premise, body.hypothesis, body.adapter)])
+    request.state.adapter = result.adapter  # for the access log
     return _response(result)
 
 
@@ -35,7 +36,8 @@ async def create_nli(body: NLIRequest, service: NLIServiceDep) -> NLIResponse:
     responses=ERRORS,
     summary="Classify many pairs, each with its own adapter if it names one",
 )
-async def create_nli_batch(body: NLIBatchRequest, service: NLIServiceDep) -> NLIBatchResponse:
+async def create_nli_batch(body: NLIBatchRequest, service: NLIServiceDep, request: Request) -> NLIBatchResponse:
     pairs = [PairInput(p.premise, p.hypothesis, p.adapter or body.adapter) for p in body.pairs]
     results = await service.classify(pairs, batch_field="pairs")
+    request.state.adapter = ",".join(sorted({r.adapter for r in results}))
     return NLIBatchResponse(results=[_response(r) for r in results])
