@@ -29,7 +29,7 @@ RUN useradd --system --uid 10001 --no-create-home --home-dir /srv/loraswap loras
     && mkdir -p /cache/huggingface \
     && chown -R loraswap /cache
 
-USER loraswap
+USER 10001
 
 ENV LORASWAP_HOST=0.0.0.0 \
     LORASWAP_PORT=8000 \

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     fraud_model_dir: Path = Field(
         REPO_ROOT / "models" / "fraud", description="Directory of the fraud model (pipeline, manifest.json)."
     )
-    fraud_max_batch: int = Field(1000, ge=1, description="Largest `POST /fraud/batch`, in transactions.")
+    fraud_max_batch_transactions: int = Field(1000, ge=1, description="Largest `POST /fraud/batch`, in transactions.")
 
     @field_validator("log_level")
     @classmethod

@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
-from app.api.routes import adapters, health, metrics, nli
+from app.api.routes import adapters, health, metrics, nli, pages
 from app.api.routes import fraud
 from app.config import Settings
 from app.services.metrics import Metrics
@@ -30,9 +32,11 @@ def _start_fraud(app: FastAPI, settings: Settings, readiness: Readiness) -> None
     except FraudModelError as exc:
         logger.error("fraud model not served: %s", exc)
         readiness.set_failed("fraud", str(exc))
-        app.state.fraud_service = FraudService(None, unavailable_reason=str(exc))
+        app.state.fraud_service = FraudService(None, unavailable_reason=str(exc), metrics=app.state.metrics)
         return
-    app.state.fraud_service = FraudService(scorer)
+    app.state.fraud_service = FraudService(
+        scorer, max_batch_transactions=settings.fraud_max_batch_transactions, metrics=app.state.metrics
+    )
     readiness.set_ready("fraud")
     logger.info("fraud model %s loaded from %s", scorer.model_version, settings.fraud_model_dir)
 
@@ -122,7 +126,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(
+    # FastAPIOffline serves /docs and /redoc from assets inside the package: no CDN.
+    app = FastAPIOffline(
         title="loraswap",
         version="0.1.0",
         summary="One frozen encoder, many LoRA adapters chosen per request, and a fraud scorer.",
@@ -136,6 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(nli.router)
     app.include_router(adapters.router)
     app.include_router(metrics.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)

@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 from app.config import Settings
 from app.errors import NotReady
 from app.services.adapters import AdapterService
+from app.services.fraud import FraudService
 from app.services.nli import NLIService
 from app.services.readiness import Readiness
 
@@ -34,6 +35,7 @@ def get_fraud_service(request: Request):
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
+FraudServiceDep = Annotated[FraudService, Depends(get_fraud_service)]
 
 
 def get_nli_service(request: Request):

@@ -42,9 +42,11 @@ def validation_details(exc: RequestValidationError) -> dict[str, Any]:
     # The offending input is never echoed: it may be huge, secret, or a NaN that JSON cannot carry.
     fields = []
     for err in exc.errors():
+        # A body that is not JSON at all is located at its parse position; the field is the body.
+        loc = ("body",) if err.get("type") == "json_invalid" else tuple(err.get("loc", ()))
         fields.append(
             {
-                "field": _field_name(tuple(err.get("loc", ()))),
+                "field": _field_name(loc),
                 "type": err.get("type", "value_error"),
                 "message": _safe(err.get("msg", "invalid")),
             }
