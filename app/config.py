@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     max_queue_pairs: int = Field(
         2048, ge=1, description="Pairs waiting in the queue before new requests get 503 with Retry-After."
     )
+    max_queue_wait_ms: float = Field(
+        2000.0,
+        gt=0,
+        description="Longest estimated queue wait (queued pairs / measured pairs per second) a new request is "
+        "admitted into, in ms; beyond it, 503 with Retry-After.",
+    )
     torch_threads: int = Field(0, ge=0, description="Threads torch uses on the CPU; 0 keeps torch's default.")
 
     # Fraud

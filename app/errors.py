@@ -76,3 +76,10 @@ class InferenceFailed(ServiceError):
 
     status_code = 500
     code = "inference_failed"
+
+
+class ClientGone(ServiceError):
+    """The client disconnected while its request waited; nobody reads this answer (nginx's 499)."""
+
+    status_code = 499
+    code = "client_closed_request"

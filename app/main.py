@@ -76,6 +76,7 @@ def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_batch_wait_ms,
         max_queue_pairs=settings.max_queue_pairs,
+        max_queue_wait_ms=settings.max_queue_wait_ms,
         observer=app.state.metrics,
     )
     batcher.start()

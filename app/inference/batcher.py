@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -61,6 +62,7 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         max_queue_pairs: int,
+        max_queue_wait_ms: float | None = None,
         observer: BatchObserver | None = None,
     ):
         self.engine = engine
@@ -69,6 +71,10 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_pairs = max_queue_pairs
+        self.max_queue_wait_s = max_queue_wait_ms / 1000.0 if max_queue_wait_ms else None
+        # Measured pairs per second of the engine (moving average), for the wait estimate at admission.
+        self.pairs_per_s: float | None = None
+        self._in_flight = 0
         self.stats = BatchStats()
         self._pending: deque[_Item] = deque()
         self._cond = threading.Condition()
@@ -110,6 +116,13 @@ class Batcher:
                     f"the queue is full ({len(self._pending)} pairs waiting); retry shortly",
                     details={"queued_pairs": len(self._pending), "max_queue_pairs": self.max_queue_pairs},
                 )
+            wait_s = self._estimated_wait_s(len(items))
+            if wait_s is not None and self.max_queue_wait_s is not None and wait_s > self.max_queue_wait_s:
+                raise Overloaded(
+                    f"the queue would take about {wait_s * 1e3:.0f} ms to reach this request; retry shortly",
+                    retry_after_s=max(1, math.ceil(wait_s)),
+                    details={"estimated_wait_ms": round(wait_s * 1e3), "max_queue_wait_ms": self.max_queue_wait_s * 1e3},
+                )
             self._pending.extend(items)
             self._cond.notify()
         # While queued or running, the adapters may not be evicted from the device.
@@ -126,6 +139,12 @@ class Batcher:
             for adapter, count in in_use.items():
                 self.engine.residency.release(adapter, count)
 
+    def _estimated_wait_s(self, extra_pairs: int) -> float | None:
+        # Called with the lock held. Unknown until the first batch has been timed.
+        if not self.pairs_per_s:
+            return None
+        return (len(self._pending) + self._in_flight + extra_pairs) / self.pairs_per_s
+
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -133,8 +152,12 @@ class Batcher:
             if window is None:
                 return
             live = [item for item in window if not item.cancelled and not item.future.cancelled()]
+            with self._cond:
+                self._in_flight = len(live)
             if live:
                 self._process(live)
+            with self._cond:
+                self._in_flight = 0
 
     def _collect(self) -> list[_Item] | None:
         """Wait for work, give latecomers `max_wait_ms` to join, then take what is queued (bounded)."""
@@ -185,6 +208,7 @@ class Batcher:
         now = time.perf_counter()
         try:
             probabilities = self.engine.run(encoded, [item.adapter for item in items])
+            self._measure(len(items), time.perf_counter() - now)
         except Exception as exc:
             logger.exception("batch of %d pairs failed", len(items))
             self.stats.failed_batches += 1
@@ -199,6 +223,11 @@ class Batcher:
         self.stats.size_histogram[len(items)] = self.stats.size_histogram.get(len(items), 0) + 1
         if self.observer is not None:
             self.observer.observe_batch(len(items), [now - item.enqueued_at for item in items])
+
+    def _measure(self, pairs: int, seconds: float) -> None:
+        rate = pairs / max(seconds, 1e-6)
+        with self._cond:
+            self.pairs_per_s = rate if self.pairs_per_s is None else 0.8 * self.pairs_per_s + 0.2 * rate
 
     def _fail(self, items: list[_Item], exc: Exception) -> None:
         error = InferenceFailed(f"inference failed for this batch: {type(exc).__name__}")

@@ -162,3 +162,24 @@ def test_stop_answers_what_is_queued_then_refuses():
         return await asyncio.gather(*pending)
 
     assert asyncio.run(main()) == [[[2.0, 1.0]], [[2.0, 1.0]], [[2.0, 1.0]]]
+
+
+def test_estimated_wait_over_the_bound_is_refused_up_front():
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = make(engine, max_queue_wait_ms=50, max_batch_pairs=1, max_wait_ms=0)
+    batcher.pairs_per_s = 100.0  # as if measured: 10 ms a pair
+
+    async def main():
+        accepted = asyncio.ensure_future(batcher.submit(["a", "b", "c"], ["h"] * 3, [A] * 3))  # ~30 ms
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as caught:
+            await batcher.submit(["d", "e", "f"], ["h"] * 3, [A] * 3)  # ~60 ms > 50 ms
+        engine.gate.set()
+        return caught.value, await accepted
+
+    refused, accepted = asyncio.run(main())
+    batcher.stop()
+    assert refused.details["estimated_wait_ms"] == 60 and refused.retry_after_s >= 1
+    assert len(accepted) == 3
+    assert batcher.pairs_per_s is not None and batcher.pairs_per_s > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.api.deps import NLIServiceDep
+from app.api.disconnect import unless_disconnected
 from app.schemas.errors import ErrorResponse
 from app.schemas.nli import NLIBatchRequest, NLIBatchResponse, NLIRequest, NLIResponse
 from app.services.nli import Classification, PairInput
@@ -25,7 +26,9 @@ def _response(result: Classification) -> NLIResponse:
 
 @router.post("/nli", response_model=NLIResponse, responses=ERRORS, summary="Classify one premise/hypothesis pair")
 async def create_nli(body: NLIRequest, service: NLIServiceDep, request: Request) -> NLIResponse:
-    [result] = await service.classify([PairInput(body.premise, body.hypothesis, body.adapter)])
+    [result] = await unless_disconnected(
+        request, service.classify([PairInput(body.premise, body.hypothesis, body.adapter)])
+    )
     request.state.adapter = result.adapter  # for the access log
     return _response(result)
 
@@ -38,6 +41,6 @@ async def create_nli(body: NLIRequest, service: NLIServiceDep, request: Request)
 )
 async def create_nli_batch(body: NLIBatchRequest, service: NLIServiceDep, request: Request) -> NLIBatchResponse:
     pairs = [PairInput(p.premise, p.hypothesis, p.adapter or body.adapter) for p in body.pairs]
-    results = await service.classify(pairs, batch_field="pairs")
+    results = await unless_disconnected(request, service.classify(pairs, batch_field="pairs"))
     request.state.adapter = ",".join(sorted({r.adapter for r in results}))
     return NLIBatchResponse(results=[_response(r) for r in results])
