@@ -116,7 +116,7 @@ class Batcher:
                     f"the queue is full ({len(self._pending)} pairs waiting); retry shortly",
                     details={"queued_pairs": len(self._pending), "max_queue_pairs": self.max_queue_pairs},
                 )
-            wait_s = self._estimated_wait_s(len(items))
+            wait_s = self._estimated_wait_s()
             if wait_s is not None and self.max_queue_wait_s is not None and wait_s > self.max_queue_wait_s:
                 raise Overloaded(
                     f"the queue would take about {wait_s * 1e3:.0f} ms to reach this request; retry shortly",
@@ -139,11 +139,13 @@ class Batcher:
             for adapter, count in in_use.items():
                 self.engine.residency.release(adapter, count)
 
-    def _estimated_wait_s(self, extra_pairs: int) -> float | None:
-        # Called with the lock held. Unknown until the first batch has been timed.
+    def _estimated_wait_s(self) -> float | None:
+        """How long the pairs ahead of a new request should take (its own are not counted: a large
+        request into an idle server is always admitted). Called with the lock held; unknown until
+        the first batch has been timed."""
         if not self.pairs_per_s:
             return None
-        return (len(self._pending) + self._in_flight + extra_pairs) / self.pairs_per_s
+        return (len(self._pending) + self._in_flight) / self.pairs_per_s
 
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:

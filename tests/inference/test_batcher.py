@@ -171,15 +171,16 @@ def test_estimated_wait_over_the_bound_is_refused_up_front():
     batcher.pairs_per_s = 100.0  # as if measured: 10 ms a pair
 
     async def main():
-        accepted = asyncio.ensure_future(batcher.submit(["a", "b", "c"], ["h"] * 3, [A] * 3))  # ~30 ms
+        # Into an empty queue even a request longer than the bound is admitted: nothing is ahead of it.
+        accepted = asyncio.ensure_future(batcher.submit(["a"] * 8, ["h"] * 8, [A] * 8))  # 80 ms of work
         await asyncio.sleep(0)
         with pytest.raises(Overloaded) as caught:
-            await batcher.submit(["d", "e", "f"], ["h"] * 3, [A] * 3)  # ~60 ms > 50 ms
+            await batcher.submit(["d"], ["h"], [A])  # 80 ms ahead of it > 50 ms
         engine.gate.set()
         return caught.value, await accepted
 
     refused, accepted = asyncio.run(main())
     batcher.stop()
-    assert refused.details["estimated_wait_ms"] == 60 and refused.retry_after_s >= 1
-    assert len(accepted) == 3
+    assert refused.details["estimated_wait_ms"] == 80 and refused.retry_after_s >= 1
+    assert len(accepted) == 8
     assert batcher.pairs_per_s is not None and batcher.pairs_per_s > 0
