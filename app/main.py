@@ -97,14 +97,15 @@ def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
     app.state.adapter_service = AdapterService(
         registry, roots=settings.all_adapter_roots(), admin_token=settings.admin_token, metrics=app.state.metrics
     )
-    if settings.default_adapter in registry.ready_names():
-        readiness.set_ready("nli")
-    else:
-        readiness.set_failed(
-            "nli",
-            f"default adapter {settings.default_adapter!r} is not loaded "
-            f"(ready: {', '.join(registry.ready_names()) or 'none'})",
-        )
+    default = settings.default_adapter
+
+    def nli_not_ready() -> str | None:
+        ready = registry.ready_names()
+        if default in ready:
+            return None
+        return f"default adapter {default!r} is not loaded (ready: {', '.join(ready) or 'none'})"
+
+    readiness.set_check("nli", nli_not_ready)
     return batcher
 
 

@@ -10,10 +10,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.errors import ServiceError
 
 logger = logging.getLogger(__name__)
+
+MAX_FIELDS_REPORTED = 50
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -40,8 +43,10 @@ def _safe(value: Any) -> Any:
 
 def validation_details(exc: RequestValidationError) -> dict[str, Any]:
     # The offending input is never echoed: it may be huge, secret, or a NaN that JSON cannot carry.
+    # At most MAX_FIELDS_REPORTED are listed, so the answer stays small whatever the body held.
+    errors = exc.errors()
     fields = []
-    for err in exc.errors():
+    for err in errors[:MAX_FIELDS_REPORTED]:
         # A body that is not JSON at all is located at its parse position; the field is the body.
         loc = ("body",) if err.get("type") == "json_invalid" else tuple(err.get("loc", ()))
         fields.append(
@@ -51,7 +56,10 @@ def validation_details(exc: RequestValidationError) -> dict[str, Any]:
                 "message": _safe(err.get("msg", "invalid")),
             }
         )
-    return {"fields": fields}
+    details: dict[str, Any] = {"fields": fields}
+    if len(errors) > MAX_FIELDS_REPORTED:
+        details["fields_not_listed"] = len(errors) - MAX_FIELDS_REPORTED
+    return details
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -74,15 +82,52 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unparsable = _unparsable_body(exc)
+        if unparsable is not None:
+            details = {"fields": [{"field": "body", "type": "json_invalid", "message": unparsable}]}
+            return JSONResponse(error_body("invalid_input", f"invalid request: {unparsable}", details), status_code=422)
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return JSONResponse(
-            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+            error_body(code, str(exc.detail), getattr(exc, "details", None)),
+            status_code=exc.status_code,
+            headers=headers or None,
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal_error", "internal error"), status_code=500)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the first route that
+    matched the path (so `/adapters/{name}` said `Allow: GET` though PUT and DELETE are served there)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not parse a JSON body, when that is what this 400 is. FastAPI answers 400 for a
+    body that fails before JSON decoding proper (invalid UTF-8, nesting deeper than the parser's
+    recursion limit, an integer literal over Python's digit limit); to the client that is invalid
+    input like any other malformed JSON, so it gets the same 422."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the body nests too deeply"
+    if isinstance(cause, ValueError):
+        return "the body is not valid JSON (a number too long to parse?)"
+    return None
 
 
 def _safe_tree(value: Any) -> Any:

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import request_id_var
@@ -16,8 +17,13 @@ access_logger = logging.getLogger("loraswap.access")
 REQUEST_ID_HEADER = b"x-request-id"
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` once the streamed body passes the cap. An HTTPException, so FastAPI's body
+    parsing lets it through (it turns any other exception into a 400) and the 413 handler answers."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body is larger than {max_bytes} bytes")
+        self.details = {"max_request_bytes": max_bytes}
 
 
 class BodyLimitMiddleware:
@@ -51,7 +57,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:

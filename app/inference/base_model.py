@@ -108,8 +108,9 @@ def build_classifier(spec: BaseSpec, num_labels: int, *, head_seed: int = 0) -> 
     else:
         try:
             # A checkpoint may carry a head of its own (of any size): the encoder is what we want.
+            # safetensors only: a base shipped as pytorch_model.bin (pickle) is refused, not unpickled.
             model = AutoModelForSequenceClassification.from_pretrained(
-                spec.source, config=config, ignore_mismatched_sizes=True
+                spec.source, config=config, ignore_mismatched_sizes=True, use_safetensors=True
             )
         except OSError as exc:
             raise BaseModelError(f"cannot load the weights of base {spec.name!r}: {exc}") from exc

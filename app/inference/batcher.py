@@ -227,6 +227,8 @@ class Batcher:
             self.observer.observe_batch(len(items), [now - item.enqueued_at for item in items])
 
     def _measure(self, pairs: int, seconds: float) -> None:
+        if self.stats.batches == 0:
+            return  # the first batch pays one-off warm-up costs; it would make the estimate far too slow
         rate = pairs / max(seconds, 1e-6)
         with self._cond:
             self.pairs_per_s = rate if self.pairs_per_s is None else 0.8 * self.pairs_per_s + 0.2 * rate

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from app.schemas.request import RequestBody
 
 
 class AdapterInfo(BaseModel):
@@ -26,7 +28,5 @@ class AdapterListResponse(BaseModel):
     adapters: list[AdapterInfo]
 
 
-class AdapterLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AdapterLoadRequest(RequestBody):
     path: str = Field(..., min_length=1, max_length=4096, description="Adapter directory, under a configured adapter root.")

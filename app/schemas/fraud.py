@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from app.schemas.request import RequestBody
 
 # Strict: a JSON number only (ints accepted), never a string, bool or null; NaN and +-Infinity rejected,
-# including 1e309, which JSON parsing turns into infinity.
-Component = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+# including 1e309, which JSON parsing turns into infinity. Magnitudes are bounded too: a finite value
+# near the float limit (5e307) overflows to infinity inside the model's scaler, which then fails.
+# Real transactions sit far inside the bound (|V| < 200, Amount < 30,000, Time < 200,000 in the data).
+MAX_MAGNITUDE = 1e9
+Component = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE)]
+NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=MAX_MAGNITUDE)]
 
 
-class FraudRequest(BaseModel):
+class FraudRequest(RequestBody):
     """One transaction as in Kaggle's creditcard.csv, without its label. All 30 fields are required; the
     model may use fewer (its manifest lists which)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     Time: NonNegative = Field(description="Seconds since the first transaction of the capture.")
     V1: Component
@@ -57,11 +60,12 @@ class FraudResponse(BaseModel):
     model_version: str
 
 
-class FraudBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FraudBatchRequest(RequestBody):
     # The upper bound is the `fraud_max_batch_transactions` setting, checked by the service.
-    transactions: list[FraudRequest] = Field(min_length=1, description="1..fraud_max_batch_transactions transactions.")
+    # fail_fast: validation stops at the first bad transaction (each can carry 30 errors).
+    transactions: list[FraudRequest] = Field(
+        min_length=1, fail_fast=True, description="1..fraud_max_batch_transactions transactions."
+    )
 
 
 class FraudBatchItem(BaseModel):

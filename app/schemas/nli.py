@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from app.schemas.request import RequestBody
+
+# Adapter names are at most 64 characters (app.services.adapter_registry.NAME_PATTERN); a longer one is
+# refused here, so a multi-megabyte "name" is never looked up nor echoed back in a 404.
+ADAPTER_NAME_MAX_CHARS = 64
 
 
-class NLIRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NLIRequest(RequestBody):
     premise: str = Field(..., min_length=1, description="The premise sentence.", examples=["A man is playing a guitar."])
     hypothesis: str = Field(..., min_length=1, description="The hypothesis sentence.", examples=["A person makes music."])
-    adapter: str | None = Field(None, description="Adapter (task) to use; the configured default when absent.", examples=["mnli"])
+    adapter: str | None = Field(
+        None,
+        max_length=ADAPTER_NAME_MAX_CHARS,
+        description="Adapter (task) to use; the configured default when absent.",
+        examples=["mnli"],
+    )
 
 
 class NLIResponse(BaseModel):
@@ -19,19 +28,24 @@ class NLIResponse(BaseModel):
     adapter: str = Field(..., description="The adapter that produced the answer.")
 
 
-class NLIPair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NLIPair(RequestBody):
     premise: str = Field(..., min_length=1)
     hypothesis: str = Field(..., min_length=1)
-    adapter: str | None = Field(None, description="Adapter for this pair; else the request's, else the default.")
+    adapter: str | None = Field(
+        None,
+        max_length=ADAPTER_NAME_MAX_CHARS,
+        description="Adapter for this pair; else the request's, else the default.",
+    )
 
 
-class NLIBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    pairs: list[NLIPair] = Field(..., min_length=1, description="Pairs to classify; each may name its own adapter.")
-    adapter: str | None = Field(None, description="Adapter for pairs that name none.")
+class NLIBatchRequest(RequestBody):
+    # fail_fast: validation stops at the first bad pair, so a huge list of bad pairs costs one pair's errors.
+    pairs: list[NLIPair] = Field(
+        ..., min_length=1, fail_fast=True, description="Pairs to classify; each may name its own adapter."
+    )
+    adapter: str | None = Field(
+        None, max_length=ADAPTER_NAME_MAX_CHARS, description="Adapter for pairs that name none."
+    )
 
 
 class NLIBatchResponse(BaseModel):

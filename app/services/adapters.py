@@ -25,6 +25,20 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def _children(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:  # not a directory (yet): the loader says what is missing
+        return []
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except (RuntimeError, OSError):  # a symlink loop leads nowhere inside
+        return False
+
+
 class AdapterService:
     def __init__(
         self, registry: AdapterRegistry, *, roots: list[Path], admin_token: str | None, metrics: Metrics | None = None
@@ -50,13 +64,25 @@ class AdapterService:
         """The adapter directory, if and only if it lies under a configured root (symlinks resolved)."""
         if "\x00" in raw:
             raise PathNotAllowed("the path contains a NUL byte")
-        candidate = Path(raw).expanduser()
-        if not candidate.is_absolute():
-            candidate = self.roots[0] / candidate
-        resolved = candidate.resolve()
+        try:
+            candidate = Path(raw).expanduser()
+            if not candidate.is_absolute():
+                candidate = self.roots[0] / candidate
+            resolved = candidate.resolve()
+        except (RuntimeError, OSError, ValueError):  # an unknown ~user, a symlink loop
+            raise PathNotAllowed(
+                "the path cannot be resolved", details={"roots": [str(r) for r in self.roots]}
+            ) from None
         for root in self.roots:
             if resolved == root or not resolved.is_relative_to(root):
                 continue
+            # The loader reads the directory's own files: a symlinked one must not lead out of the root either.
+            escaping = sorted(p.name for p in _children(resolved) if not _inside(p, root))
+            if escaping:
+                raise PathNotAllowed(
+                    "files of the adapter directory lead outside the adapter roots",
+                    details={"files": escaping, "roots": [str(r) for r in self.roots]},
+                )
             return resolved
         raise PathNotAllowed(
             "adapters may only be loaded from a directory under the configured adapter roots",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -23,6 +24,13 @@ class Readiness:
     def __init__(self, expected: list[str]):
         self._lock = threading.Lock()
         self._status = {name: ComponentStatus(name, False, "loading") for name in expected}
+        self._checks: dict[str, Callable[[], str | None]] = {}
+
+    def set_check(self, name: str, check: Callable[[], str | None]) -> None:
+        """From now on `name` is ready exactly when `check()` returns None (else it returns why not):
+        for conditions that change at runtime, such as the default adapter being loaded."""
+        with self._lock:
+            self._checks[name] = check
 
     def set_ready(self, name: str) -> None:
         with self._lock:
@@ -34,13 +42,17 @@ class Readiness:
 
     def snapshot(self) -> list[ComponentStatus]:
         with self._lock:
-            return list(self._status.values())
+            statuses = dict(self._status)
+            checks = dict(self._checks)
+        for name, check in checks.items():
+            reason = check()
+            statuses[name] = ComponentStatus(name, reason is None, reason)
+        return list(statuses.values())
 
     @property
     def ready(self) -> bool:
         return all(status.ready for status in self.snapshot())
 
     def reason(self, name: str) -> str | None:
-        with self._lock:
-            status = self._status.get(name)
+        status = next((s for s in self.snapshot() if s.name == name), None)
         return None if status is None or status.ready else status.reason

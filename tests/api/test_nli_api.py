@@ -225,20 +225,22 @@ def test_swap_under_concurrent_traffic_loses_and_misroutes_nothing(client, adapt
                 failures.append(f"{name}: wrong scores {scores}")
         return sent
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(5) as pool:
         futures = [pool.submit(traffic, n) for n in ("alpha", "beta", "alpha", "beta")]
-        for i in range(6):
-            source = adapters_root / ("beta" if i % 2 == 0 else "alpha")
-            assert client.put("/adapters/swap", json={"path": str(source)}).status_code == 200
-            assert client.put("/adapters/gamma", json={"path": str(spare / "gamma")}).status_code == 200
-            assert nli(client, "gamma").status_code == 200
-            assert client.delete("/adapters/gamma").status_code == 200
-        swap_future = pool.submit(traffic, "swap")
-        for i in range(4):
-            source = adapters_root / ("alpha" if i % 2 == 0 else "beta")
-            assert client.put("/adapters/swap", json={"path": str(source)}).status_code == 200
-        stop.set()
-        sent = sum(f.result() for f in futures) + swap_future.result()
+        try:
+            for i in range(6):
+                source = adapters_root / ("beta" if i % 2 == 0 else "alpha")
+                assert client.put("/adapters/swap", json={"path": str(source)}).status_code == 200
+                assert client.put("/adapters/gamma", json={"path": str(spare / "gamma")}).status_code == 200
+                assert nli(client, "gamma").status_code == 200
+                assert client.delete("/adapters/gamma").status_code == 200
+            futures.append(pool.submit(traffic, "swap"))
+            for i in range(4):
+                source = adapters_root / ("alpha" if i % 2 == 0 else "beta")
+                assert client.put("/adapters/swap", json={"path": str(source)}).status_code == 200
+        finally:
+            stop.set()  # a failed step must not leave the traffic threads running forever
+        sent = sum(f.result() for f in futures)
     client.delete("/adapters/swap")
     assert failures == []
     assert sent > 0

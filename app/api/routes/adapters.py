@@ -16,6 +16,7 @@ MANAGEMENT_ERRORS = {
     403: {"model": ErrorResponse, "description": "Wrong token, non-loopback client without a token, or a path outside the adapter roots."},
     404: {"model": ErrorResponse, "description": "No adapter of that name, or no adapter directory at the path."},
     409: {"model": ErrorResponse, "description": "A load of the same name is in progress."},
+    413: {"model": ErrorResponse, "description": "The body is larger than LORASWAP_MAX_REQUEST_BYTES."},
     422: {"model": ErrorResponse, "description": "Invalid name, or an adapter that cannot serve on this base."},
 }
 

@@ -13,6 +13,7 @@ from app.schemas.fraud import FraudBatchItem, FraudBatchRequest, FraudBatchRespo
 router = APIRouter(tags=["fraud"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "The body is larger than LORASWAP_MAX_REQUEST_BYTES."},
     422: {"model": ErrorResponse, "description": "Invalid transaction(s); `details.fields` names each offending field."},
     503: {"model": ErrorResponse, "description": "No fraud model is loaded; the message says why. Has Retry-After."},
 }

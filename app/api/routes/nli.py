@@ -14,6 +14,7 @@ router = APIRouter(tags=["nli"])
 
 ERRORS = {
     404: {"model": ErrorResponse, "description": "Unknown adapter; `details.available` lists the ready ones."},
+    413: {"model": ErrorResponse, "description": "The body is larger than LORASWAP_MAX_REQUEST_BYTES."},
     422: {"model": ErrorResponse, "description": "Invalid input: empty or over-long text, bad or oversized batch."},
     500: {"model": ErrorResponse, "description": "The batch this request ran in failed."},
     503: {"model": ErrorResponse, "description": "Queue full or NLI not loaded; retry after `Retry-After` seconds."},
