@@ -1,4 +1,4 @@
-"""ASGI middleware: caps request bodies before parsing, and tags each request with an id."""
+"""ASGI middleware: caps request bodies before parsing; gives each request an id, a log line and metrics."""
 
 from __future__ import annotations
 
@@ -93,12 +93,15 @@ async def _reject(send: Send, max_bytes: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestIdMiddleware:
-    """Takes X-Request-ID from the client (or makes one), echoes it back, puts it on every log line
-    written while serving the request, and writes one access line per request (never the body)."""
+class RequestContextMiddleware:
+    """Per request: takes X-Request-ID from the client (or makes one) and echoes it back, puts it on
+    every log line written meanwhile, writes one access line (never the body), and counts and times
+    the request in the metrics, labelled by the route's template (never the raw path, which would let
+    callers create unbounded label values)."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, metrics):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,48 +127,21 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
+            elapsed = time.perf_counter() - started
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "GET")
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            self.metrics.latency.labels(template, method).observe(elapsed)
             access_logger.info(
                 "request",
                 extra={
                     "request_id": request_id,
-                    "method": scope.get("method"),
-                    "route": getattr(route, "path", None) or "unmatched",
+                    "method": method,
+                    "route": template,
                     "status": status,
-                    "latency_ms": round((time.perf_counter() - started) * 1e3, 2),
+                    "latency_ms": round(elapsed * 1e3, 2),
                     "adapter": state.get("adapter"),
                     "model_version": state.get("model_version"),
                 },
             )
             request_id_var.reset(token)
-
-
-class MetricsMiddleware:
-    """Counts every request and times it, labelled by the route's template (never the raw path,
-    which would let callers create unbounded label values)."""
-
-    def __init__(self, app: ASGIApp, metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "GET")
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
