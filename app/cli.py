@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import uvicorn
 
 from app.config import Settings
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    # Before torch loads (the app imports it at startup): idle OpenMP threads sleep instead of
+    # spinning, so the event loop and the batcher's thread are not starved on a small CPU.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # One worker on purpose: several would each load the base model; concurrency comes from batching.
     # SIGTERM stops accepting, lets in-flight requests finish (the batcher answers what is queued),
     # then runs the app's shutdown.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -53,8 +54,7 @@ def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
     from app.services.adapters import AdapterService
     from app.services.nli import NLIService
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     spec = resolve_base(settings.base_model, random_init=settings.base_random_init, seed=settings.base_random_seed)
     try:
         engine = NLIEngine(
@@ -70,6 +70,10 @@ def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
         return None
     registry = AdapterRegistry(engine, engine.residency, pinned=set(settings.pinned_adapters))
     registry.discover(settings.adapters_dir)
+    if settings.default_adapter in registry.ready_names():
+        # One forward before taking traffic: the first pays one-off costs (allocations, kernels).
+        warm = registry.entry(settings.default_adapter).adapter
+        engine.run(engine.encode(["warm-up"], ["warm-up"]), [warm])
     batcher = Batcher(
         engine,
         max_batch_pairs=settings.max_batch_pairs,
@@ -77,6 +81,9 @@ def _start_nli(app: FastAPI, settings: Settings, readiness: Readiness):
         max_wait_ms=settings.max_batch_wait_ms,
         max_queue_pairs=settings.max_queue_pairs,
         max_queue_wait_ms=settings.max_queue_wait_ms,
+        min_fill=settings.min_batch_fill_ratio
+        if settings.min_batch_fill_ratio is not None
+        else (0.5 if engine.device.type == "cuda" else 0.9),
         observer=app.state.metrics,
     )
     batcher.start()

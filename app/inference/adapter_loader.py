@@ -211,6 +211,7 @@ def load_adapter(name: str, directory: Path, base: BaseInfo) -> AdapterWeights:
         raise AdapterLoadError("invalid", f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
     lora_a, lora_b, head_state = _split_tensors(tensors, base)
+    del tensors
     a_out: dict[str, torch.Tensor] = {}
     b_out: dict[str, torch.Tensor] = {}
     for module, a in lora_a.items():
@@ -224,12 +225,14 @@ def load_adapter(name: str, directory: Path, base: BaseInfo) -> AdapterWeights:
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterLoadError("invalid", f"{module}: LoRA weights contain NaN or infinity")
-        a_out[module] = a.to(torch.float32).contiguous()
-        b_out[module] = (b.to(torch.float32) * scale).contiguous()
+        # Copies, never views: load_file's tensors map the file, so a view would keep the mapping
+        # alive (memory twice over) and would change, or crash the process, if the file changed.
+        a_out[module] = a.to(torch.float32, copy=True).contiguous()
+        b_out[module] = b.to(torch.float32, copy=True).mul_(scale).contiguous()
 
     head = build_head(base.config, len(labels))
     try:
-        head.load_state_dict({k: v.to(torch.float32) for k, v in head_state.items()}, strict=True)
+        head.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in head_state.items()}, strict=True)
     except RuntimeError as exc:
         raise AdapterLoadError(
             "invalid", f"classification head does not fit {len(labels)} labels on this base: {exc}"

@@ -63,6 +63,7 @@ class Batcher:
         max_wait_ms: float,
         max_queue_pairs: int,
         max_queue_wait_ms: float | None = None,
+        min_fill: float = 0.0,
         observer: BatchObserver | None = None,
     ):
         self.engine = engine
@@ -72,8 +73,11 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_pairs = max_queue_pairs
         self.max_queue_wait_s = max_queue_wait_ms / 1000.0 if max_queue_wait_ms else None
-        # Measured pairs per second of the engine (moving average), for the wait estimate at admission.
+        self.min_fill = min_fill
+        # Pairs per second of the engine over its recent batches (pairs / busy seconds, so small
+        # batches do not drag the estimate down), for the wait estimate at admission.
         self.pairs_per_s: float | None = None
+        self._recent: deque[tuple[int, float]] = deque(maxlen=32)
         self._in_flight = 0
         self.stats = BatchStats()
         self._pending: deque[_Item] = deque()
@@ -191,17 +195,24 @@ class Batcher:
             self._run_batch([items[i] for i in batch], [encoded[i] for i in batch])
 
     def _split(self, order: list[int], encoded: list[EncodedPair]) -> list[list[int]]:
-        """Length-sorted rows cut into batches by pair count and padded-token budget."""
+        """Length-sorted rows cut into batches by pair count, padded-token budget, and fill: a batch
+        ends before a row that would leave less than `min_fill` of its padded tokens real (on a CPU,
+        padding is paid in full, so a fuller batch beats a bigger one)."""
         batches: list[list[int]] = []
         current: list[int] = []
+        real_tokens = 0
         for index in order:
             longest = len(encoded[index])  # sorted ascending: the newest row is the longest
+            padded = (len(current) + 1) * longest
             if current and (
-                len(current) >= self.max_batch_pairs or (len(current) + 1) * longest > self.max_batch_tokens
+                len(current) >= self.max_batch_pairs
+                or padded > self.max_batch_tokens
+                or real_tokens + longest < self.min_fill * padded
             ):
                 batches.append(current)
-                current = []
+                current, real_tokens = [], 0
             current.append(index)
+            real_tokens += longest
         if current:
             batches.append(current)
         return batches
@@ -229,9 +240,10 @@ class Batcher:
     def _measure(self, pairs: int, seconds: float) -> None:
         if self.stats.batches == 0:
             return  # the first batch pays one-off warm-up costs; it would make the estimate far too slow
-        rate = pairs / max(seconds, 1e-6)
+        self._recent.append((pairs, seconds))
+        rate = sum(p for p, _ in self._recent) / max(sum(s for _, s in self._recent), 1e-6)
         with self._cond:
-            self.pairs_per_s = rate if self.pairs_per_s is None else 0.8 * self.pairs_per_s + 0.2 * rate
+            self.pairs_per_s = rate
 
     def _fail(self, items: list[_Item], exc: Exception) -> None:
         error = InferenceFailed(f"inference failed for this batch: {type(exc).__name__}")

@@ -214,3 +214,13 @@ def test_rslora_scaling_is_honoured(engine, tiny_roberta_spec, tmp_path):
     module = next(iter(plain.b))
     # alpha/r = 2 versus alpha/sqrt(r) = 4
     assert torch.allclose(scaled.b[module], plain.b[module] * 2)
+
+
+def test_loaded_adapter_does_not_depend_on_its_file(engine, good):
+    """The weights are copied out of the file: rewriting or truncating it later changes nothing."""
+    adapter = engine.load_adapter("good", good)
+    encoded = engine.encode(["A man plays a guitar."], ["Someone makes music."])
+    before = engine.run(encoded, [adapter])
+    weights = good / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert engine.run(encoded, [adapter]) == before

@@ -83,6 +83,14 @@ def test_split_sorts_by_length_and_respects_budgets():
     assert batches == [[1, 3, 4], [2, 0], [5]]  # 3 pairs max; then 2x9=18 fits 20 tokens, 3x10 does not
 
 
+def test_split_keeps_batches_mostly_real_tokens():
+    engine = FakeEngine()
+    batcher = Batcher(engine, max_batch_pairs=8, max_batch_tokens=10_000, max_wait_ms=0, max_queue_pairs=10, min_fill=0.9)
+    encoded = [EncodedPair([0] * n, None) for n in (10, 10, 11, 30, 31, 32)]
+    batches = batcher._split(list(range(6)), encoded)
+    assert batches == [[0, 1, 2], [3, 4, 5]]  # 30 after three rows of ~10 would be 2/3 padding
+
+
 def test_full_queue_fails_fast_with_retry_after():
     engine = FakeEngine()
     engine.gate.clear()

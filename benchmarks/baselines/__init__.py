@@ -1,0 +1,1 @@
+"""Baselines the benchmarks compare loraswap against, each written the way a practitioner would."""
