@@ -57,6 +57,11 @@ def render_card(metadata: dict[str, Any]) -> str:
         for row in metrics["history"]
     )
     files = "\n".join(f"- `{name}` ({digest})" for name, digest in metadata["files"].items())
+    init = (
+        f"- LoRA matrices initialised from: {training.get('init_adapter') or 'scratch (random A, zero B)'}\n"
+        if is_lora
+        else ""
+    )
     notes = f"\n## Notes\n\n{training['notes']}\n" if training.get("notes") else ""
     load = (
         "```python\n"
@@ -100,7 +105,7 @@ that were never trained on.
 - {training['epochs']} epochs, batch size {training['batch_size']}, learning rate {training['learning_rate']}
   (linear schedule, warmup ratio {training.get('warmup_ratio')}), weight decay {training.get('weight_decay')},
   max length {metadata['max_length']}, seed {training['seed']}, bf16 {training.get('bf16')}
-- device: {training.get('device')}; wall time {training['train_time_s']} s;
+{init}- device: {training.get('device')}; wall time {training['train_time_s']} s;
   peak memory {training['peak_memory_mb']} MB ({training.get('peak_memory_kind', '')})
 - command:
 

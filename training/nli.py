@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated names of the Linear modules that get LoRA matrices (default: %(default)s)",
     )
     model.add_argument(
+        "--init-adapter",
+        type=Path,
+        metavar="DIR",
+        help="start the LoRA matrices from this trained adapter (same base, rank and target modules) "
+        "instead of from scratch; its head is not used (the new task's head starts fresh). "
+        "E.g. an RTE adapter started from the MNLI adapter (sequential transfer)",
+    )
+    model.add_argument(
         "--max-length",
         type=int,
         default=128,
@@ -377,8 +385,39 @@ def build_model(args: argparse.Namespace, labels: tuple[str, ...], *, with_finge
     )
     torch.manual_seed(args.seed)  # LoRA A matrices are random
     model = get_peft_model(classifier, lora_config)
+    if args.init_adapter is not None:
+        _load_lora_matrices(model, args.init_adapter, base_fingerprint)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return BuiltModel(spec, model, base_fingerprint, classifier.config.model_type, trainable, all_params)
+
+
+def _load_lora_matrices(model: torch.nn.Module, adapter_dir: Path, base_fingerprint: str | None) -> None:
+    """Copy another adapter's LoRA A/B matrices into `model` (not its head); shapes and base must agree."""
+    from safetensors.torch import load_file
+
+    weights_path, metadata_path = adapter_dir / "adapter_model.safetensors", adapter_dir / "metadata.json"
+    if not weights_path.is_file() or not metadata_path.is_file():
+        raise BaseModelError(f"--init-adapter {adapter_dir}: needs adapter_model.safetensors and metadata.json")
+    recorded = json.loads(metadata_path.read_text())["base"]["fingerprint"]
+    if base_fingerprint is not None and recorded != base_fingerprint:
+        raise BaseModelError(f"--init-adapter {adapter_dir} was trained on another base ({recorded})")
+    # Saved names omit the adapter name: "...query.lora_A.weight" is "...query.lora_A.default.weight" here.
+    lora = {
+        key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): value
+        for key, value in load_file(str(weights_path)).items()
+        if "lora_" in key
+    }
+    own = model.state_dict()
+    own_lora = {key for key in own if "lora_" in key}
+    if set(lora) != own_lora:
+        raise BaseModelError(f"--init-adapter {adapter_dir}: its LoRA layers differ from this model's (target modules)")
+    for key, value in lora.items():
+        if value.shape != own[key].shape:
+            raise BaseModelError(
+                f"--init-adapter {adapter_dir}: {key} has shape {tuple(value.shape)}, here {tuple(own[key].shape)} (rank)"
+            )
+    model.load_state_dict(lora, strict=False)
+    logger.info("LoRA matrices initialised from %s (%d tensors); the head starts fresh", adapter_dir, len(lora))
 
 
 def target_modules(args: argparse.Namespace) -> list[str]:
@@ -455,9 +494,11 @@ def run(args: argparse.Namespace, command: str) -> RunResult | None:
     eval_set = PairDataset(data.evaluation, tokenizer, labels, args.max_length)
     trainer, history = _make_trainer(args, built.model, tokenizer, train_set, eval_set)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()
     train_time_s = time.perf_counter() - started
+    # CPU seconds of this process (all its threads): unlike wall time, barely moved by other jobs.
+    train_cpu_time_s = time.process_time() - cpu_started
     peak_memory_mb, peak_memory_kind = _peak_memory_mb()
     if not trainer.is_world_process_zero():
         return None
@@ -512,11 +553,13 @@ def run(args: argparse.Namespace, command: str) -> RunResult | None:
             "bf16": bool(trainer.args.bf16),
             "device": _device_description(),
             "train_time_s": round(train_time_s, 1),
+            "train_cpu_time_s": round(train_cpu_time_s, 1),
             "peak_memory_mb": peak_memory_mb,
             "peak_memory_kind": peak_memory_kind,
             "trainable_params": built.trainable_params,
             "all_params": built.all_params,
             "command": command,
+            "init_adapter": _describe_init_adapter(args.init_adapter),
             "notes": args.notes,
         },
         "metrics": {
@@ -667,6 +710,13 @@ def _save_model(args, built: BuiltModel, tokenizer, output: Path) -> dict[str, s
     for name in names:
         (output / name).chmod(0o644)  # safetensors writes 0600; artifacts are meant to be shared
     return {name: "sha256:" + _sha256_file(output / name) for name in names}
+
+
+def _describe_init_adapter(adapter_dir: Path | None) -> str | None:
+    if adapter_dir is None:
+        return None
+    weights = adapter_dir / "adapter_model.safetensors"
+    return f"{adapter_dir} (adapter_model.safetensors sha256:{_sha256_file(weights)})"
 
 
 def _sha256_file(path: Path) -> str:

@@ -179,6 +179,30 @@ def test_full_fine_tuning_writes_a_loadable_model(tiny_roberta_dir, tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, result.model(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_init_adapter_copies_lora_matrices_but_not_the_head(lora_run, tiny_roberta_dir):
+    from safetensors.torch import load_file
+
+    args = nli.parse_args(
+        ["--base", str(tiny_roberta_dir), "--labels", "rte", "--init-adapter", str(lora_run.output), "--dry-run"]
+    )
+    built = nli.build_model(args, ("entailment", "not_entailment"), with_fingerprint=True)
+    state = built.model.state_dict()
+    saved = load_file(str(lora_run.output / "adapter_model.safetensors"))
+    lora_keys = [key for key in saved if "lora_" in key]
+    assert lora_keys
+    for key in lora_keys:
+        here = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        torch.testing.assert_close(state[here], saved[key], atol=0, rtol=0)
+    head = [key for key in state if "modules_to_save" in key and key.endswith("out_proj.weight")]
+    assert [tuple(state[key].shape) for key in head] == [(2, 32)]  # a fresh 2-way head
+
+
+def test_init_adapter_of_another_rank_is_refused(lora_run, tiny_roberta_dir):
+    with pytest.raises(SystemExit) as excinfo:
+        nli.main(["--base", str(tiny_roberta_dir), "--init-adapter", str(lora_run.output), "--lora-r", "8", "--dry-run"])
+    assert str(excinfo.value.code).startswith("error: --init-adapter") and "rank" in str(excinfo.value.code)
+
+
 def test_help_explains_every_option():
     parser = nli.build_parser()
     for action in parser._actions:
