@@ -1,0 +1,51 @@
+"""Held-out accuracy of an adapter through the serving engine (what `/nli` computes), not through PEFT.
+
+    python -m training.evaluate --adapter mnli --data mnli_dev_matched.jsonl --eval-fraction 0.2 --split-seed 13
+    python -m training.evaluate --adapter rte --data rte_dev.jsonl          # every row of the file
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from app.inference.base_model import resolve_base
+from app.inference.engine import NLIEngine
+from training.nli_data import read_pairs, split_examples
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter name (a directory under --adapters-dir)")
+    parser.add_argument("--adapters-dir", type=Path, default=REPO_ROOT / "adapters", help="where adapters live")
+    parser.add_argument("--data", type=Path, required=True, help="pairs in any format training.nli reads")
+    parser.add_argument(
+        "--eval-fraction", type=float, default=None, help="score only the held-out part of this split (as training made it)"
+    )
+    parser.add_argument("--split-seed", type=int, default=13, help="seed of that split (default 13)")
+    parser.add_argument("--base", default="embedded", help="base the adapter was trained on (default embedded)")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="token cut, as the server's (default 256)")
+    args = parser.parse_args(argv)
+
+    examples = read_pairs(args.data).examples
+    if args.eval_fraction:
+        _, examples = split_examples(examples, args.eval_fraction, args.split_seed)
+    engine = NLIEngine(resolve_base(args.base), device="cpu", max_seq_len=args.max_seq_len)
+    adapter = engine.load_adapter(args.adapter, args.adapters_dir / args.adapter)
+    started, correct = time.perf_counter(), 0
+    for start in range(0, len(examples), 32):
+        chunk = examples[start : start + 32]
+        encoded = engine.encode([x.premise for x in chunk], [x.hypothesis for x in chunk])
+        for example, probs in zip(chunk, engine.run(encoded, [adapter] * len(chunk))):
+            correct += adapter.labels[max(range(len(probs)), key=probs.__getitem__)] == example.label
+    print(
+        f"{args.adapter}: served accuracy {correct}/{len(examples)} = {correct / len(examples):.4f} "
+        f"(fp32, max {args.max_seq_len} tokens, {time.perf_counter() - started:.0f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
