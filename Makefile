@@ -1,7 +1,7 @@
 # A newcomer's two commands: `make serve` and `make test`. Both create .venv and install first.
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU build of torch 2.13.0 (what CI uses). On a GPU host: make serve TORCH="torch==2.13.0" with CUDA wheels.
+# torch 2.13.0: the CPU build on this project's machines (a file on disk), PyPI's CUDA build elsewhere on Linux.
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
