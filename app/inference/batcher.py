@@ -32,12 +32,10 @@ class _Item:
 
 @dataclass
 class BatchStats:
-    """Running totals, written by the worker only."""
+    """Running totals, written by the worker only (the batch-size histogram lives in the metrics)."""
 
     batches: int = 0
-    pairs: int = 0
     failed_batches: int = 0
-    size_histogram: dict[int, int] = field(default_factory=dict)
 
 
 class BatchObserver(Protocol):
@@ -232,8 +230,6 @@ class Batcher:
         for item, probs in zip(items, probabilities):
             item.loop.call_soon_threadsafe(_resolve, item.future, probs)
         self.stats.batches += 1
-        self.stats.pairs += len(items)
-        self.stats.size_histogram[len(items)] = self.stats.size_histogram.get(len(items), 0) + 1
         if self.observer is not None:
             self.observer.observe_batch(len(items), [now - item.enqueued_at for item in items])
 

@@ -48,11 +48,3 @@ class Readiness:
             reason = check()
             statuses[name] = ComponentStatus(name, reason is None, reason)
         return list(statuses.values())
-
-    @property
-    def ready(self) -> bool:
-        return all(status.ready for status in self.snapshot())
-
-    def reason(self, name: str) -> str | None:
-        status = next((s for s in self.snapshot() if s.name == name), None)
-        return None if status is None or status.ready else status.reason
