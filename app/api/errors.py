@@ -140,11 +140,22 @@ def _allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path. Starlette's 405 names only the first route that
     matched the path (so `/adapters/{name}` said `Allow: GET` though PUT and DELETE are served there)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in _leaf_routes(request.app.router.routes):
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
     return sorted(methods)
+
+
+def _leaf_routes(routes):
+    """The routes themselves: FastAPI (0.16x) keeps an included router as one entry that matches any path
+    and names no methods; its own routes (their paths already carry the router's prefix) are inside."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        else:
+            yield route
 
 
 def _unparsable_body(exc: StarletteHTTPException) -> str | None:
