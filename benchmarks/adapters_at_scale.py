@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import re
 import shlex
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from app.artifacts import write_json_atomic
 from benchmarks import machine
 from benchmarks.adapter_pool import adapter_file_bytes, prepare_pool
 from benchmarks.adapter_sets import AdapterSet, prepare_adapters
@@ -515,10 +515,12 @@ def main(argv: list[str] | None = None) -> dict:
         description=description, wall_s=time.perf_counter() - started_at,
         argv=sys.argv[1:] if argv is None else argv,
     )
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    write_scale_report(results, args.out)
-    print((args.out / "results.md").read_text())
-    print(f"wrote {args.out}/results.json, results.md, throughput.png, latency.png in {results['wall_s']} s")
+    write_json_atomic(args.out / "results.json", results)
+    table, *plots = write_scale_report(results, args.out)
+    print(table.read_text())
+    met = sum(t["met"] for t in results["targets"])
+    print(f"{met} of {len(results['targets'])} targets met; results.json, {table.name} and "
+          f"{', '.join(p.name for p in plots)} in {args.out} ({results['wall_s']} s)")
     return results
 
 

@@ -101,12 +101,8 @@ def plot_throughput(results: dict, path: Path) -> None:
     bars = ax.bar(names, values, color=[_color(n, results["scenarios"][n]) for n in names])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("pairs / s")
-    ax.set_title(_title(results, "Throughput"), fontsize=9)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    ax.margins(y=0.15)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, _title(results, "Throughput"), path)
 
 
 def plot_latency(results: dict, path: Path) -> None:
@@ -120,17 +116,23 @@ def plot_latency(results: dict, path: Path) -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
     ax.set_ylabel("latency, ms (client side)")
-    ax.set_title(_title(results, "p50 (plain) and p99 (hatched)"), fontsize=9)
+    _finish(fig, ax, _title(results, "p50 (plain) and p99 (hatched)"), path)
+
+
+def _finish(fig, ax, title: str, path: Path) -> None:
+    ax.set_title(title, fontsize=9)
     ax.margins(y=0.15)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+PLOTS = {"throughput.png": plot_throughput, "latency.png": plot_latency}
+
+
 def write_scale_report(results: dict, out: Path) -> list[Path]:
-    """results.md, throughput.png and latency.png next to results.json."""
-    paths = [out / "results.md", out / "throughput.png", out / "latency.png"]
-    paths[0].write_text(markdown(results), encoding="utf-8")
-    plot_throughput(results, paths[1])
-    plot_latency(results, paths[2])
-    return paths
+    """results.md and the plots (PLOTS) next to results.json; their paths, the table first."""
+    (out / "results.md").write_text(markdown(results), encoding="utf-8")
+    for file_name, plot in PLOTS.items():
+        plot(results, out / file_name)
+    return [out / "results.md", *(out / f for f in PLOTS)]
