@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from benchmarks.traffic import scores_close  # noqa: F401  (the suite imports it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_FRAUD = REPO / "models" / "fraud"
@@ -79,10 +80,6 @@ def settings_for(root: Path, **overrides) -> Settings:
     )
     options.update(overrides)
     return Settings(**options)
-
-
-def scores_close(got: dict[str, float], want: dict[str, float], tolerance: float = 1e-4) -> bool:
-    return got.keys() == want.keys() and all(abs(got[k] - want[k]) < tolerance for k in got)
 
 
 def well_formed(body: dict, adapter: str) -> bool:

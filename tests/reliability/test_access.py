@@ -48,6 +48,14 @@ def layout(embedded_adapters, tmp_path_factory):
     return {"root": root, "outside": outside, "before": tree(root, outside)}
 
 
+@pytest.fixture(autouse=True)
+def no_file_is_written_or_changed(layout):
+    """After each test of this module, whatever it attempted, the roots and the outside directory hold
+    exactly the files they held before the module started."""
+    yield
+    assert tree(layout["root"], layout["outside"]) == layout["before"]
+
+
 @pytest.fixture(scope="module")
 def open_client(layout):
     """No admin token configured: management from loopback only."""
@@ -218,8 +226,3 @@ def test_encoded_segments_in_routes_reach_nothing(open_client, method, raw_path,
     assert names(open_client) == before
     assert call(open_client, "GET", "/static/playground.html")[0] == 200  # the mount still serves its own files
 
-
-def test_no_route_wrote_or_changed_a_file(open_client, token_client, layout):
-    """Runs last in this module: after every attempt above, the roots and the outside directory hold
-    exactly the files they held before."""
-    assert tree(layout["root"], layout["outside"]) == layout["before"]

@@ -13,10 +13,11 @@ import httpx
 import pytest
 
 from tests.reliability.conftest import ServerProcess, copy_adapters, server_settings
-from tests.reliability.traffic import batch_body, check_batch, warm_up_and_reference
+from benchmarks.traffic import batch_body, check_batch, warm_up_and_reference
 
 pytestmark = pytest.mark.slow
 
+ADAPTERS = ("alpha", "beta", "gamma")
 FULL_BATCH = 16
 IN_FLIGHT_REQUESTS = 24  # of FULL_BATCH pairs each: a few seconds of queued work on this machine
 
@@ -41,13 +42,13 @@ def test_sigterm_drains_admitted_requests_and_refuses_new_connections(embedded_a
     )
     server = ServerProcess(tmp_path / "server.log", log_level="info", **settings).start()
     try:
-        references = warm_up_and_reference(server.base_url, FULL_BATCH)
+        references = warm_up_and_reference(server.base_url, ADAPTERS, FULL_BATCH)
 
         async def scenario():
             async with httpx.AsyncClient(
                 base_url=server.base_url, timeout=120, limits=httpx.Limits(max_connections=None)
             ) as http:
-                bodies = [batch_body(i, FULL_BATCH) for i in range(IN_FLIGHT_REQUESTS)]
+                bodies = [batch_body(i, ADAPTERS, FULL_BATCH) for i in range(IN_FLIGHT_REQUESTS)]
                 tasks = [asyncio.ensure_future(http.post("/nli/batch", json=body)) for body in bodies]
                 done_at: dict[int, float] = {}
                 for i, task in enumerate(tasks):

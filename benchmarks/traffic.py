@@ -1,17 +1,33 @@
-"""Async HTTP traffic for the real-server tests: a closed loop (N clients back to back, to measure
-capacity), an open loop (requests sent on a fixed schedule whatever the answers, to overload), and
-the NLI batches they send, with the check that each answer is its adapter's."""
+"""Async HTTP traffic against a running server: a closed loop (N clients back to back, to measure
+capacity), an open loop (requests sent on a fixed schedule whatever the answers, to overload), the
+mixed-adapter NLI batches they send, and the check that each answer is its adapter's.
+
+Shared by `benchmarks.overload` (which reports the figures) and the real-server tests of
+`tests/reliability/` (which assert behaviour only)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
 
-from tests.reliability.conftest import LABELS, scores_close
+from benchmarks.loadgen import percentile
+
+__all__ = [
+    "PAIRS_PER_REQUEST",
+    "TEXTS",
+    "Outcome",
+    "batch_body",
+    "check_batch",
+    "closed_loop",
+    "open_loop",
+    "percentile",
+    "scores_close",
+    "warm_up_and_reference",
+]
 
 TEXTS = [
     ("A man is playing a guitar on stage.", "A person is making music."),
@@ -19,11 +35,12 @@ TEXTS = [
     ("The committee postponed the vote until next week.", "A vote was held yesterday."),
     ("A child in a red coat is reading a book on a bench.", "Someone is outside."),
 ]
-ADAPTERS = ("alpha", "beta", "gamma")
 PAIRS_PER_REQUEST = 8
 
 # (method, path, JSON body) of the i-th request.
 RequestMaker = Callable[[int], tuple[str, str, dict | None]]
+# (premise, adapter) -> that pair's scores asked alone.
+References = dict[tuple[str, str], dict[str, float]]
 
 
 @dataclass
@@ -89,58 +106,56 @@ async def open_loop(
         for index in range(total):
             delay = started + index / rate_per_s - time.perf_counter()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # the schedule of an open loop, not synchronisation
             tasks.append(asyncio.ensure_future(send(http, index, make, started)))
         offered_for = time.perf_counter() - started
         outcomes = list(await asyncio.gather(*tasks))
     return outcomes, total / max(offered_for, 1e-9)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[rank]
-
-
-def batch_body(index: int, size: int = PAIRS_PER_REQUEST) -> dict:
-    """The i-th request's pairs: the texts and the three adapters in rotation (every batch mixes them)."""
+def batch_body(index: int, adapters: Sequence[str], size: int = PAIRS_PER_REQUEST) -> dict:
+    """The i-th request's pairs: the texts and the adapters in rotation (every batch mixes them)."""
     pairs = []
     for j in range(size):
         premise, hypothesis = TEXTS[(index + j) % len(TEXTS)]
-        adapter = ADAPTERS[(index + 2 * j) % len(ADAPTERS)]
+        adapter = adapters[(index + 2 * j) % len(adapters)]
         pairs.append({"premise": premise, "hypothesis": hypothesis, "adapter": adapter})
     return {"pairs": pairs}
 
 
-def warm_up_and_reference(base_url: str, full_batch: int) -> dict[tuple[str, str], dict[str, float]]:
+def warm_up_and_reference(base_url: str, adapters: Sequence[str], full_batch: int) -> References:
     """Each (premise, adapter)'s scores, asked alone. The first request is a full batch: the admission
     estimate is seeded by the first (cold) batch, and a cold single pair would make it absurdly low."""
     with httpx.Client(base_url=base_url, timeout=60) as http:
-        first = http.post("/nli/batch", json=batch_body(0, full_batch))
+        first = http.post("/nli/batch", json=batch_body(0, adapters, full_batch))
         assert first.status_code == 200, first.text
         result = {}
         for premise, hypothesis in TEXTS:
-            for adapter in ADAPTERS:
+            for adapter in adapters:
                 response = http.post("/nli", json={"premise": premise, "hypothesis": hypothesis, "adapter": adapter})
                 assert response.status_code == 200, response.text
                 result[(premise, adapter)] = response.json()["scores"]
         for index in range(8):  # a few more batches, so the throughput estimate settles
-            assert http.post("/nli/batch", json=batch_body(index)).status_code == 200
+            assert http.post("/nli/batch", json=batch_body(index, adapters)).status_code == 200
     return result
 
 
-def check_batch(body: dict, answer: object, references) -> str | None:
-    """None if every result is its adapter's answer for its pair, else what is wrong."""
+def scores_close(got: dict[str, float], want: dict[str, float], tolerance: float = 1e-4) -> bool:
+    return got.keys() == want.keys() and all(abs(got[k] - want[k]) < tolerance for k in got)
+
+
+def check_batch(body: dict, answer: object, references: References) -> str | None:
+    """None if every result is its adapter's answer for its pair (the reference's label set and
+    scores, probabilities summing to 1, the argmax as label), else what is wrong."""
     if not isinstance(answer, dict) or len(answer.get("results", [])) != len(body["pairs"]):
         return f"malformed answer {str(answer)[:200]}"
     for pair, result in zip(body["pairs"], answer["results"]):
         scores = result.get("scores", {})
-        if result.get("adapter") != pair["adapter"] or set(scores) != LABELS[pair["adapter"]]:
+        want = references[(pair["premise"], pair["adapter"])]
+        if result.get("adapter") != pair["adapter"] or set(scores) != set(want):
             return f"mis-routed: asked {pair['adapter']}, got {result.get('adapter')} with {sorted(scores)}"
         if abs(sum(scores.values()) - 1) > 1e-4 or result.get("label") != max(scores, key=scores.get):
             return f"inconsistent result {result}"
-        if not scores_close(scores, references[(pair["premise"], pair["adapter"])]):
+        if not scores_close(scores, want):
             return f"wrong scores for {pair['adapter']}: {scores}"
     return None
