@@ -45,7 +45,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Directories `PUT /adapters/{name}` may load from (JSON list); `adapters_dir` is always one.",
     )
-    default_adapter: str = Field("mnli", description="Adapter used when a request names none.")
+    default_adapter: str | None = Field(
+        "mnli",
+        description="Adapter used when a request names none; `none` for no default (requests must name one, "
+        "and readiness then needs only the base).",
+    )
     max_resident_adapters: int = Field(
         16, ge=1, description="Adapters kept on the device at once (LRU; pinned and in-use ones stay)."
     )
@@ -96,6 +100,11 @@ class Settings(BaseSettings):
         REPO_ROOT / "models" / "fraud", description="Directory of the fraud model (pipeline, manifest.json)."
     )
     fraud_max_batch_transactions: int = Field(1000, ge=1, description="Largest `POST /fraud/batch`, in transactions.")
+
+    @field_validator("default_adapter")
+    @classmethod
+    def _no_default(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip().lower() == "none" else value.strip()
 
     @field_validator("log_level")
     @classmethod

@@ -11,7 +11,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.inference.adapter_loader import CONFIG_FILE, METADATA_FILE, PEFT_PREFIX, WEIGHTS_FILE
+from app.artifacts import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
+from app.inference.adapter_loader import PEFT_PREFIX
 from app.inference.base_model import BaseSpec, build_classifier, fingerprint, load_tokenizer, resolve_base
 from benchmarks.adapter_sets import write_metadata
 

@@ -1,4 +1,4 @@
-"""Annotated dependencies: how routes reach the components the lifespan put on app.state."""
+"""Typed dependencies: how routes reach the runtime the lifespan built (`app.state.runtime`)."""
 
 from __future__ import annotations
 
@@ -8,53 +8,72 @@ from fastapi import Depends, Header, Request
 
 from app.config import Settings
 from app.errors import NotReady
+from app.runtime import Runtime
 from app.services.adapters import AdapterService
 from app.services.fraud import FraudService
+from app.services.metrics import Metrics
 from app.services.nli import NLIService
 from app.services.readiness import Readiness
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise NotReady("the server is starting")
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_readiness(request: Request) -> Readiness:
-    return request.app.state.readiness
+def get_metrics(request: Request) -> Metrics:
+    # Created with the app (not the runtime) so requests are counted from the first one.
+    return request.app.state.metrics
 
 
-def _component(request: Request, name: str):
-    component = getattr(request.app.state, name, None)
-    if component is None:
-        raise NotReady(f"{name} is not enabled or not started")
-    return component
+def get_readiness(runtime: RuntimeDep) -> Readiness:
+    return runtime.readiness
 
 
-def get_fraud_service(request: Request):
-    return _component(request, "fraud_service")
+def get_fraud_service(runtime: RuntimeDep) -> FraudService:
+    if runtime.fraud_service is None:
+        raise NotReady("fraud scoring is not enabled (LORASWAP_FRAUD_ENABLED=false)")
+    return runtime.fraud_service
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
-FraudServiceDep = Annotated[FraudService, Depends(get_fraud_service)]
+def get_nli_service(runtime: RuntimeDep) -> NLIService:
+    if runtime.nli_service is None:
+        reason = "NLI is not enabled" if not runtime.settings.nli_enabled else "the NLI base model is not loaded"
+        raise NotReady(reason)
+    return runtime.nli_service
 
 
-def get_nli_service(request: Request):
-    return _component(request, "nli_service")
+def get_adapter_service(runtime: RuntimeDep) -> AdapterService:
+    if runtime.adapter_service is None:
+        reason = "NLI is not enabled" if not runtime.settings.nli_enabled else "the NLI base model is not loaded"
+        raise NotReady(reason)
+    return runtime.adapter_service
 
 
-def get_adapter_service(request: Request):
-    return _component(request, "adapter_service")
+AdapterServiceDep = Annotated[AdapterService, Depends(get_adapter_service)]
 
 
-def _authorized_adapter_service(
+def get_admin_adapter_service(
     request: Request,
+    service: AdapterServiceDep,
     authorization: Annotated[str | None, Header(description="`Bearer <token>` when an admin token is configured.")] = None,
-):
-    service = get_adapter_service(request)
+) -> AdapterService:
     service.authorize(authorization, request.client.host if request.client else None)
     return service
 
 
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
+FraudServiceDep = Annotated[FraudService, Depends(get_fraud_service)]
 NLIServiceDep = Annotated[NLIService, Depends(get_nli_service)]
-AdapterServiceDep = Annotated[AdapterService, Depends(get_adapter_service)]
-AdminAdapterServiceDep = Annotated[AdapterService, Depends(_authorized_adapter_service)]
+AdminAdapterServiceDep = Annotated[AdapterService, Depends(get_admin_adapter_service)]

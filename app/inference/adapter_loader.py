@@ -3,30 +3,28 @@ request: metadata, base fingerprint, label set, PEFT config, checksums, safetens
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from app.artifacts import CONFIG_FILE, METADATA_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE, AdapterMetadata, sha256_tag
 from app.inference.base_model import build_head
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-METADATA_FILE = "metadata.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PEFT_PREFIX = "base_model.model."
-SUPPORTED_FORMAT_VERSIONS = (1,)
 # PEFT options that change the math; an adapter that uses one is refused rather than served wrong.
 UNSUPPORTED_PEFT_OPTIONS = {
     "use_dora": False,
@@ -36,6 +34,12 @@ UNSUPPORTED_PEFT_OPTIONS = {
     "use_qalora": False,
 }
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# transformers' placeholder label names (LABEL_0, ...): a config that has only these names no labels.
+PLACEHOLDER_LABEL = re.compile(r"^LABEL_\d+$")
+LABELS_HOW_TO = (
+    "give them in metadata.json, as id2label in a config.json beside the adapter, "
+    'or in the load request: PUT /adapters/{name} {"path": ..., "labels": ["entailment", ...]}'
+)
 
 
 class AdapterLoadError(Exception):
@@ -50,13 +54,15 @@ class AdapterLoadError(Exception):
 
 @dataclass(frozen=True)
 class BaseInfo:
-    """What an adapter must match: the served base's fingerprint and its LoRA-able modules."""
+    """What an adapter must match: the served base's fingerprint, the names it answers to (for PEFT
+    adapters that carry only `base_model_name_or_path`), and its LoRA-able modules."""
 
     fingerprint: str
     model_type: str
     base_model_prefix: str
     linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
     config: Any  # the base's PretrainedConfig, to build heads
+    names: frozenset[str] = frozenset()
 
 
 @dataclass(eq=False)
@@ -68,20 +74,14 @@ class AdapterWeights:
     labels: tuple[str, ...]
     task: str
     rank: int
-    alpha: float
     target_modules: tuple[str, ...]
     base_id: str
     size_bytes: int
-    metadata: dict[str, Any]
+    metrics: dict[str, float]
     path: Path
     a: dict[str, torch.Tensor] = field(repr=False)  # module path -> [r, in]
     b: dict[str, torch.Tensor] = field(repr=False)  # module path -> [out, r], scaled
     head: nn.Module = field(repr=False)
-    version: int = 0
-
-    def nbytes(self) -> int:
-        tensors = [*self.a.values(), *self.b.values(), *self.head.state_dict().values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -96,14 +96,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
 def _check_files(directory: Path) -> None:
     if not directory.is_dir():
         raise AdapterLoadError("not_found", f"no adapter directory at {directory}")
@@ -114,35 +106,102 @@ def _check_files(directory: Path) -> None:
                 "invalid", f"pickle weights ({', '.join(pickled)}) are refused; save the adapter as {WEIGHTS_FILE}"
             )
         raise AdapterLoadError("invalid", f"{WEIGHTS_FILE} is missing")
+    if not (directory / CONFIG_FILE).is_file():
+        raise AdapterLoadError("invalid", f"{CONFIG_FILE} is missing (a PEFT adapter directory has one)")
 
 
-def _check_metadata(meta: dict[str, Any], base: BaseInfo) -> tuple[tuple[str, ...], str]:
-    if meta.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise AdapterLoadError("invalid", f"metadata format_version must be one of {SUPPORTED_FORMAT_VERSIONS}")
-    if meta.get("method", "lora") != "lora":
-        raise AdapterLoadError("invalid", f"method {meta.get('method')!r} is not a LoRA adapter")
-    labels = meta.get("labels")
-    if (
-        not isinstance(labels, list)
-        or len(labels) < 2
-        or not all(isinstance(x, str) and x for x in labels)
-        or len(set(labels)) != len(labels)
-    ):
-        raise AdapterLoadError("invalid", "metadata labels must be at least two distinct non-empty strings")
-    base_meta = meta.get("base")
-    fingerprint = base_meta.get("fingerprint") if isinstance(base_meta, dict) else None
-    if fingerprint != base.fingerprint:
-        trained_on = base_meta.get("display") or base_meta.get("id") if isinstance(base_meta, dict) else None
+def read_metadata(directory: Path) -> AdapterMetadata | None:
+    """Our metadata.json, if the directory has one (a plain PEFT directory has none)."""
+    if not (directory / METADATA_FILE).is_file():
+        return None
+    try:
+        return AdapterMetadata.read(directory)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'metadata'}: {e['msg']}" for e in exc.errors())
+        raise AdapterLoadError("invalid", f"{METADATA_FILE} is not valid: {problems}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AdapterLoadError("invalid", f"{METADATA_FILE} is not valid JSON: {exc}") from None
+
+
+def _check_metadata(meta: AdapterMetadata, directory: Path, base: BaseInfo) -> None:
+    if meta.method != "lora":
+        raise AdapterLoadError("invalid", f"method {meta.method!r} is not a LoRA adapter")
+    if meta.base.fingerprint != base.fingerprint:
+        trained_on = meta.base.display or meta.base.id
         raise AdapterLoadError(
             "invalid",
-            f"adapter was trained on another base ({trained_on or 'unknown'}, fingerprint "
-            f"{str(fingerprint)[:19]}...), not the served one ({base.fingerprint[:19]}...)",
+            f"adapter was trained on another base ({trained_on}, fingerprint "
+            f"{meta.base.fingerprint[:19]}...), not the served one ({base.fingerprint[:19]}...)",
         )
-    task = meta.get("task")
-    return tuple(labels), task if isinstance(task, str) else "unknown"
+    for file_name, checksum in meta.files.items():
+        target = directory / file_name
+        if not target.is_file():
+            raise AdapterLoadError("invalid", f"metadata lists {file_name!r}, which is not in the adapter directory")
+        if sha256_tag(target) != checksum:
+            raise AdapterLoadError("invalid", f"{file_name} does not match its sha256 in {METADATA_FILE}")
 
 
-def _check_peft_config(config: dict[str, Any]) -> tuple[int, float, float]:
+def _labels_from_model_config(directory: Path) -> tuple[str, ...] | None:
+    """Label names from `config.json`'s id2label, unless it has only transformers' placeholders."""
+    path = directory / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return None
+    id2label = _read_json(path).get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        ordered = [id2label[key] for key in sorted(id2label, key=int)]
+    except (ValueError, TypeError):
+        raise AdapterLoadError("invalid", f"{MODEL_CONFIG_FILE} id2label keys must be integers 0..n-1") from None
+    if sorted(int(k) for k in id2label) != list(range(len(ordered))):
+        raise AdapterLoadError("invalid", f"{MODEL_CONFIG_FILE} id2label keys must be integers 0..n-1")
+    if all(isinstance(x, str) and PLACEHOLDER_LABEL.fullmatch(x) for x in ordered):
+        return None
+    return tuple(str(x) for x in ordered)
+
+
+def _check_labels(labels: Sequence[str], source: str) -> tuple[str, ...]:
+    if (
+        len(labels) < 2
+        or not all(isinstance(x, str) and x.strip() for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise AdapterLoadError("invalid", f"labels ({source}) must be at least two distinct non-empty strings")
+    return tuple(labels)
+
+
+def _resolve_labels(
+    meta: AdapterMetadata | None, directory: Path, given: Sequence[str] | None
+) -> tuple[tuple[str, ...], str]:
+    """Labels in precedence order: our metadata, the directory's id2label, the load request."""
+    if meta is not None:
+        found, source = tuple(meta.labels), METADATA_FILE
+    else:
+        found, source = _labels_from_model_config(directory), f"{MODEL_CONFIG_FILE} id2label"
+    if found is not None:
+        if given is not None and tuple(given) != found:
+            raise AdapterLoadError(
+                "invalid", f"the labels given ({', '.join(given)}) differ from the adapter's {source} ({', '.join(found)})"
+            )
+        return _check_labels(found, source), source
+    if given is not None:
+        return _check_labels(given, "the load request"), "the load request"
+    raise AdapterLoadError("invalid", f"the adapter carries no label names: {LABELS_HOW_TO}")
+
+
+def _check_peft_base(config: dict[str, Any], base: BaseInfo) -> None:
+    """Without our metadata (no fingerprint), the PEFT config's base name must be one the served base
+    answers to; the shape checks that follow catch the rest."""
+    declared = config.get("base_model_name_or_path")
+    if declared and base.names and str(declared) not in base.names:
+        raise AdapterLoadError(
+            "invalid",
+            f"adapter_config.json says it was made for base {declared!r}; this server serves "
+            f"{' / '.join(sorted(base.names))}",
+        )
+
+
+def _check_peft_config(config: dict[str, Any]) -> tuple[int, float]:
     if config.get("peft_type") != "LORA":
         raise AdapterLoadError("invalid", f"peft_type must be LORA, not {config.get('peft_type')!r}")
     if config.get("task_type") not in ("SEQ_CLS", None):
@@ -158,7 +217,7 @@ def _check_peft_config(config: dict[str, Any]) -> tuple[int, float, float]:
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise AdapterLoadError("invalid", "adapter_config needs a positive integer r and a finite lora_alpha")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return rank, float(alpha), scale
+    return rank, scale
 
 
 def _split_tensors(
@@ -188,23 +247,23 @@ def _split_tensors(
     return lora_a, lora_b, head
 
 
-def load_adapter(name: str, directory: Path, base: BaseInfo) -> AdapterWeights:
-    """Everything that can be wrong with an adapter raises AdapterLoadError here."""
+def load_adapter(
+    name: str, directory: Path, base: BaseInfo, labels: Sequence[str] | None = None
+) -> AdapterWeights:
+    """Everything that can be wrong with an adapter raises AdapterLoadError here. `labels` come from the
+    load request, for a plain PEFT directory that names none."""
     directory = Path(directory)
     _check_files(directory)
-    meta = _read_json(directory / METADATA_FILE)
-    labels, task = _check_metadata(meta, base)
+    meta = read_metadata(directory)
+    if meta is not None:
+        _check_metadata(meta, directory, base)
     peft_config = _read_json(directory / CONFIG_FILE)
-    rank, alpha, scale = _check_peft_config(peft_config)
+    if meta is None:
+        _check_peft_base(peft_config, base)
+    resolved_labels, label_source = _resolve_labels(meta, directory, labels)
+    rank, scale = _check_peft_config(peft_config)
 
     weights_path = directory / WEIGHTS_FILE
-    declared = meta.get("files") or {}
-    for file_name, checksum in declared.items():
-        target = directory / file_name
-        if "/" in file_name or not target.is_file():
-            raise AdapterLoadError("invalid", f"metadata lists {file_name!r}, which is not in the adapter directory")
-        if sha256_file(target) != checksum:
-            raise AdapterLoadError("invalid", f"{file_name} does not match its sha256 in metadata.json")
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -230,31 +289,29 @@ def load_adapter(name: str, directory: Path, base: BaseInfo) -> AdapterWeights:
         a_out[module] = a.to(torch.float32, copy=True).contiguous()
         b_out[module] = b.to(torch.float32, copy=True).mul_(scale).contiguous()
 
-    head = build_head(base.config, len(labels))
+    head = build_head(base.config, len(resolved_labels))
     try:
         head.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in head_state.items()}, strict=True)
     except RuntimeError as exc:
         raise AdapterLoadError(
-            "invalid", f"classification head does not fit {len(labels)} labels on this base: {exc}"
+            "invalid",
+            f"classification head does not fit {len(resolved_labels)} labels (from {label_source}) on this base: {exc}",
         ) from None
     head.eval()
     for parameter in head.parameters():
         parameter.requires_grad_(False)
 
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in a_out}))
-    size = weights_path.stat().st_size
-    base_meta = meta.get("base") or {}
     logger.info("validated adapter %s from %s (r=%d, %d modules)", name, directory, rank, len(a_out))
     return AdapterWeights(
         name=name,
-        labels=labels,
-        task=task,
+        labels=resolved_labels,
+        task=meta.task if meta is not None else "unknown",
         rank=rank,
-        alpha=alpha,
         target_modules=targets,
-        base_id=str(base_meta.get("id", "unknown")),
-        size_bytes=size,
-        metadata=meta,
+        base_id=meta.base.id if meta is not None else str(peft_config.get("base_model_name_or_path") or "unknown"),
+        size_bytes=weights_path.stat().st_size,
+        metrics=meta.numeric_metrics() if meta is not None else {},
         path=directory,
         a=a_out,
         b=b_out,

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from app.inference.adapter_loader import AdapterLoadError, AdapterWeights, BaseInfo, load_adapter
-from app.inference.base_model import BaseSpec, build_classifier, encoder_of, fingerprint, load_tokenizer
+from app.inference.base_model import (
+    EMBEDDED_BASE,
+    EMBEDDED_BASE_ID,
+    BaseSpec,
+    build_classifier,
+    encoder_of,
+    fingerprint,
+    load_tokenizer,
+)
 from app.inference.lora import LoRAContext, ModuleDelta, wrap_linear_layers
 from app.inference.residency import DeviceAdapter, Residency
 
@@ -83,6 +91,7 @@ class NLIEngine:
             base_model_prefix=model.base_model_prefix,
             linear_shapes={name: (m.in_features, m.out_features) for name, m in self.wrapped.items()},
             config=self.config,
+            names=_base_names(spec, self.config),
         )
         self.residency = Residency(self.device, self.dtype, max_resident, pinned)
         self.uses_pooler = self.config.model_type == "bert"
@@ -92,9 +101,9 @@ class NLIEngine:
         )
 
     # -- adapters --------------------------------------------------------------------------------
-    def load_adapter(self, name: str, path) -> AdapterWeights:
+    def read_adapter(self, name: str, path, labels=None) -> AdapterWeights:
         """Read and validate an adapter for this base (host memory; pinned when the device is CUDA)."""
-        adapter = load_adapter(name, path, self.base_info)
+        adapter = load_adapter(name, path, self.base_info, labels)
         if self.device.type == "cuda":
             for store in (adapter.a, adapter.b):
                 for key, tensor in store.items():
@@ -195,6 +204,14 @@ class NLIEngine:
             slot_of_index[index_of[adapter]] = slot
         row_slot = slot_of_index.to(self.device).index_select(0, row_index)  # [batch]
         return ModuleDelta(a, b, row_slot=row_slot)
+
+
+def _base_names(spec: BaseSpec, config) -> frozenset[str]:
+    """The names a PEFT adapter's `base_model_name_or_path` may give for this base."""
+    names = {spec.name, spec.source, getattr(config, "_name_or_path", "") or spec.name}
+    if spec.name == EMBEDDED_BASE:
+        names |= {EMBEDDED_BASE_ID, EMBEDDED_BASE_ID.split("/")[-1]}
+    return frozenset(n for n in names if n)
 
 
 __all__ = ["NLIEngine", "EncodedPair", "AdapterLoadError", "pick_device"]

@@ -45,7 +45,6 @@ class Residency:
         self._retired: set[AdapterWeights] = set()
         self.loads = 0
         self.evictions = 0
-        self.load_seconds_total = 0.0
 
     # -- bookkeeping, any thread -------------------------------------------------------------
     def acquire(self, adapter: AdapterWeights, count: int = 1) -> None:
@@ -73,9 +72,13 @@ class Residency:
         with self._lock:
             return adapter in self._resident
 
-    def resident_count(self) -> int:
+    def is_pinned(self, name: str) -> bool:
+        return name in self.pinned
+
+    def counters(self) -> tuple[int, int, int]:
+        """(resident now, moves onto the device, evictions), for the metrics."""
         with self._lock:
-            return len(self._resident)
+            return len(self._resident), self.loads, self.evictions
 
     # -- moves, worker thread only ------------------------------------------------------------
     def ensure(self, adapters: list[AdapterWeights]) -> dict[AdapterWeights, DeviceAdapter]:
@@ -107,7 +110,6 @@ class Residency:
             )
         elapsed = time.perf_counter() - started
         self.loads += 1
-        self.load_seconds_total += elapsed
         logger.debug("adapter %s moved to %s in %.1f ms", adapter.name, self.device, elapsed * 1e3)
         return moved
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
 from app.schemas.request import RequestBody
@@ -15,12 +17,14 @@ class AdapterInfo(BaseModel):
     rank: int | None
     target_modules: list[str]
     size_bytes: int | None = Field(None, description="Size of adapter_model.safetensors, in bytes.")
-    state: str = Field(..., description="loading, ready or failed.")
+    state: str = Field(..., description="loading, ready or failed; `unloaded` in the answer to a DELETE.")
     resident: bool = Field(..., description="Whether the adapter's weights are on the device now.")
     pinned: bool = Field(..., description="Pinned adapters are never evicted from the device.")
-    requests: int = Field(..., description="Pairs served with this adapter since it was loaded.")
+    requests: int = Field(..., description="Pairs answered by the adapter's current weights (a replace starts again).")
     path: str
-    error: str | None = Field(None, description="Why the adapter failed to load, when state is failed.")
+    error: str | None = Field(
+        None, description="Why the last load of this name failed (state failed, or a refused replace while the old one serves)."
+    )
     metrics: dict[str, float] | None = Field(None, description="Held-out metrics recorded by training.")
 
 
@@ -30,3 +34,10 @@ class AdapterListResponse(BaseModel):
 
 class AdapterLoadRequest(RequestBody):
     path: str = Field(..., min_length=1, max_length=4096, description="Adapter directory, under a configured adapter root.")
+    labels: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None,
+        min_length=2,
+        max_length=1024,
+        description="Class names in the head's order, for a plain PEFT adapter whose directory names none "
+        "(no metadata.json, no id2label in a config.json).",
+    )

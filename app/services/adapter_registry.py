@@ -7,7 +7,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ class AdapterState(str, Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    UNLOADED = "unloaded"  # only in the answer to the DELETE that removed it
 
 
 class LoadedAdapter(Protocol):
@@ -35,28 +36,38 @@ class LoadedAdapter(Protocol):
     target_modules: tuple[str, ...]
     base_id: str
     size_bytes: int
-    metadata: dict[str, Any]
+    metrics: dict[str, float]
     path: Path
 
 
 class AdapterLoader(Protocol):
-    def load_adapter(self, name: str, path: Path) -> LoadedAdapter: ...
+    def read_adapter(self, name: str, path: Path, labels: list[str] | None = None) -> LoadedAdapter: ...
 
 
 class ResidencyView(Protocol):
     def is_resident(self, adapter: Any) -> bool: ...
+    def is_pinned(self, name: str) -> bool: ...
     def retire(self, adapter: Any) -> None: ...
+
+
+class LoadObserver(Protocol):
+    """Told about every load, at startup or through the API (the metrics implement it)."""
+
+    def observe_adapter_load(self, outcome: str, seconds: float | None) -> None: ...
 
 
 @dataclass
 class AdapterEntry:
+    """One name. `adapter` is the weights it serves now (None unless ready); `error` is why the last
+    load of this name failed (kept while an older version goes on serving); `served_pairs` counts pairs
+    answered by the current weights, so a replace starts it again."""
+
     name: str
     state: AdapterState
     path: Path
     adapter: LoadedAdapter | None = None
     error: str | None = None
-    requests: int = 0
-    loaded_at: float | None = None
+    served_pairs: int = 0
 
 
 def check_name(name: str) -> str:
@@ -75,10 +86,10 @@ class AdapterRegistry:
     unloaded while it is queued; at most one load per name runs at a time (others get 409).
     """
 
-    def __init__(self, loader: AdapterLoader, residency: ResidencyView, pinned: set[str] | None = None):
+    def __init__(self, loader: AdapterLoader, residency: ResidencyView, *, metrics: LoadObserver | None = None):
         self._loader = loader
         self._residency = residency
-        self._pinned = set(pinned or ())
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._entries: dict[str, AdapterEntry] = {}
         self._loading: set[str] = set()
@@ -102,12 +113,27 @@ class AdapterRegistry:
             )
         return entry
 
+    def ready_adapter(self, name: str | None) -> LoadedAdapter | None:
+        with self._lock:
+            entry = self._entries.get(name) if name else None
+            return entry.adapter if entry is not None and entry.state is AdapterState.READY else None
+
+    def any_ready_adapter(self) -> LoadedAdapter | None:
+        with self._lock:
+            return next((e.adapter for e in self._entries.values() if e.state is AdapterState.READY), None)
+
+    def record_served(self, adapter: LoadedAdapter, pairs: int) -> None:
+        """Count pairs answered by `adapter`, if its name still serves exactly these weights."""
+        with self._lock:
+            entry = self._entries.get(adapter.name)
+            if entry is not None and entry.adapter is adapter:
+                entry.served_pairs += pairs
+
     def resolve(self, name: str) -> LoadedAdapter:
-        """The weights a request for `name` runs with, counted as one request."""
+        """The weights a request for `name` runs with now."""
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None and entry.state is AdapterState.READY and entry.adapter is not None:
-                entry.requests += 1
                 return entry.adapter
         available = self.ready_names()
         reason = f" (it failed to load: {entry.error})" if entry is not None and entry.error else ""
@@ -117,7 +143,7 @@ class AdapterRegistry:
         )
 
     def is_pinned(self, name: str) -> bool:
-        return name in self._pinned
+        return self._residency.is_pinned(name)
 
     def is_resident(self, entry: AdapterEntry) -> bool:
         return entry.adapter is not None and self._residency.is_resident(entry.adapter)
@@ -139,11 +165,10 @@ class AdapterRegistry:
                 self.load(name, child)
             except (AdapterInvalid, AdapterNotFound) as exc:
                 logger.error("adapter %s failed to load: %s", name, exc.message)
-                with self._lock:
-                    self._entries[name] = AdapterEntry(name, AdapterState.FAILED, child, error=exc.message)
 
-    def load(self, name: str, path: Path) -> AdapterEntry:
-        """Validate and load `path` as `name`, replacing any adapter of that name atomically."""
+    def load(self, name: str, path: Path, labels: list[str] | None = None) -> AdapterEntry:
+        """Validate and load `path` as `name`, replacing any adapter of that name atomically. `labels`
+        name the classes of a plain PEFT adapter that carries none."""
         check_name(name)
         with self._lock:
             if name in self._loading:
@@ -152,28 +177,21 @@ class AdapterRegistry:
             previous = self._entries.get(name)
             if previous is None:
                 self._entries[name] = AdapterEntry(name, AdapterState.LOADING, path)
+        started = time.perf_counter()
         try:
             try:
-                adapter = self._loader.load_adapter(name, path)
+                adapter = self._loader.read_adapter(name, path, labels)
             except Exception as exc:  # the loader's AdapterLoadError carries kind and message
                 kind = getattr(exc, "kind", None)
                 message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                with self._lock:
-                    if previous is None:
-                        del self._entries[name]
-                if kind == "not_found":
-                    raise AdapterNotFound(message, details={"adapter": name, "path": str(path)}) from None
-                raise AdapterInvalid(message, details={"adapter": name, "path": str(path)}) from None
-            entry = AdapterEntry(
-                name,
-                AdapterState.READY,
-                path,
-                adapter=adapter,
-                requests=previous.requests if previous else 0,
-                loaded_at=time.time(),
-            )
+                error = AdapterNotFound if kind == "not_found" else AdapterInvalid
+                self._record_failure(name, path, previous, message, keep_trace=error is AdapterInvalid)
+                self._observe(error.code, None)
+                raise error(message, details={"adapter": name, "path": str(path)}) from None
+            entry = AdapterEntry(name, AdapterState.READY, path, adapter=adapter)
             with self._lock:
                 self._entries[name] = entry
+            self._observe("ok", time.perf_counter() - started)
             if previous is not None and previous.adapter is not None:
                 self._residency.retire(previous.adapter)
             logger.info("adapter %s %s from %s", name, "replaced" if previous else "loaded", path)
@@ -181,6 +199,27 @@ class AdapterRegistry:
         finally:
             with self._lock:
                 self._loading.discard(name)
+
+    def _record_failure(
+        self, name: str, path: Path, previous: AdapterEntry | None, message: str, *, keep_trace: bool
+    ) -> None:
+        """An invalid adapter leaves a trace: a new name becomes FAILED with the reason; a refused
+        replace keeps the old weights serving and records why. Nothing at the path leaves no trace."""
+        with self._lock:
+            if previous is not None and previous.state is AdapterState.READY:
+                if keep_trace:
+                    previous.error = f"a replacement from {path} was refused: {message}"
+            elif keep_trace:
+                self._entries[name] = AdapterEntry(name, AdapterState.FAILED, path, error=message)
+            elif previous is None:
+                self._entries.pop(name, None)  # the LOADING placeholder
+
+    def _observe(self, outcome: str, seconds: float | None) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_adapter_load(outcome, seconds)
+
+    def close(self) -> None:
+        """Nothing runs in the background yet; here for the runtime's shutdown order."""
 
     def unload(self, name: str) -> AdapterEntry:
         with self._lock:
@@ -195,4 +234,4 @@ class AdapterRegistry:
         if entry.adapter is not None:
             self._residency.retire(entry.adapter)
         logger.info("adapter %s unloaded", name)
-        return entry
+        return replace(entry, state=AdapterState.UNLOADED)

@@ -1,15 +1,16 @@
-"""Adapter management rules: who may change adapters, which paths may be loaded, and the views."""
+"""Adapter management rules: who may change adapters, which paths may be loaded, and how an adapter is
+described to clients."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import time
 from pathlib import Path
 
 import anyio
 
-from app.errors import Forbidden, PathNotAllowed, ServiceError, Unauthorized
+from app.errors import Forbidden, PathNotAllowed, Unauthorized
+from app.schemas.adapters import AdapterInfo
 from app.services.adapter_registry import AdapterEntry, AdapterRegistry, check_name
 from app.services.metrics import Metrics
 
@@ -43,18 +44,55 @@ class AdapterService:
     def __init__(
         self, registry: AdapterRegistry, *, roots: list[Path], admin_token: str | None, metrics: Metrics | None = None
     ):
-        self.registry = registry
-        self.metrics = metrics
+        self._registry = registry
+        self._metrics = metrics
         self.roots = [Path(r).resolve() for r in roots]
-        self.admin_token = admin_token
+        self._admin_token = admin_token
 
+    # -- views ------------------------------------------------------------------------------------------
+    def describe(self, name: str) -> AdapterInfo:
+        """One adapter as clients see it; AdapterNotFound if the name is unknown."""
+        return self._info(self._registry.entry(name))
+
+    def describe_all(self) -> list[AdapterInfo]:
+        return [self._info(entry) for entry in self._registry.entries()]
+
+    def _info(self, entry: AdapterEntry) -> AdapterInfo:
+        adapter = entry.adapter
+        return AdapterInfo(
+            name=entry.name,
+            task=adapter.task if adapter else None,
+            labels=list(adapter.labels) if adapter else [],
+            base=adapter.base_id if adapter else None,
+            rank=adapter.rank if adapter else None,
+            target_modules=list(adapter.target_modules) if adapter else [],
+            size_bytes=adapter.size_bytes if adapter else None,
+            state=entry.state.value,
+            resident=self._registry.is_resident(entry),
+            pinned=self._registry.is_pinned(entry.name),
+            requests=entry.served_pairs,
+            path=str(entry.path),
+            error=entry.error,
+            metrics=adapter.metrics if adapter else None,
+        )
+
+    # -- management ---------------------------------------------------------------------------------------
     def authorize(self, authorization: str | None, client_host: str | None) -> None:
-        """With a token configured, require `Authorization: Bearer <token>`; without one, loopback only."""
-        if self.admin_token:
+        """With a token configured, require `Authorization: Bearer <token>`; without one, loopback only.
+        Every refusal is counted."""
+        try:
+            self._check_caller(authorization, client_host)
+        except (Unauthorized, Forbidden) as exc:
+            if self._metrics is not None:
+                self._metrics.observe_management_refused(exc.code)
+            raise
+
+    def _check_caller(self, authorization: str | None, client_host: str | None) -> None:
+        if self._admin_token:
             scheme, _, token = (authorization or "").partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise Unauthorized("adapter management needs an Authorization: Bearer token")
-            if not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+            if not hmac.compare_digest(token.strip().encode(), self._admin_token.encode()):
                 raise Forbidden("the bearer token is not valid for adapter management")
             return
         if not is_loopback(client_host):
@@ -89,20 +127,13 @@ class AdapterService:
             details={"roots": [str(r) for r in self.roots]},
         )
 
-    async def load(self, name: str, raw_path: str) -> AdapterEntry:
+    async def load(self, name: str, raw_path: str, labels: list[str] | None = None) -> AdapterInfo:
+        """Validate and load (or replace) `name` from a directory under the roots; the registry counts it.
+        `labels` name the classes of a plain PEFT adapter that carries none."""
         check_name(name)
         path = self.resolve_path(raw_path)
-        started = time.perf_counter()
-        try:
-            entry = await anyio.to_thread.run_sync(self.registry.load, name, path)
-        except ServiceError as exc:
-            if self.metrics is not None:
-                self.metrics.adapter_loads.labels(exc.code).inc()
-            raise
-        if self.metrics is not None:
-            self.metrics.adapter_loads.labels("ok").inc()
-            self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
-        return entry
+        entry = await anyio.to_thread.run_sync(self._registry.load, name, path, labels)
+        return self._info(entry)
 
-    async def unload(self, name: str) -> AdapterEntry:
-        return self.registry.unload(name)
+    async def unload(self, name: str) -> AdapterInfo:
+        return self._info(self._registry.unload(name))

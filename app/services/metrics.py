@@ -74,7 +74,28 @@ class Metrics:
             "loraswap_fraud_transactions", "Transactions scored, by decision.", ["decision"], registry=self.registry
         )
 
-    # The batcher's observer interface (called from its worker thread; prometheus_client is thread-safe).
+        self.management_refused = Counter(
+            "loraswap_adapter_management_refused", "Adapter management calls refused before any work, by code.",
+            ["code"], registry=self.registry,
+        )
+
+    # -- live values read at scrape time ---------------------------------------------------------------
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        self.state.queue_depth = depth
+
+    def watch_residency(self, counters: Callable[[], tuple[int, int, int]]) -> None:
+        self.state.residency = counters
+
+    # -- observers (any thread; prometheus_client is thread-safe) --------------------------------------
+    def observe_adapter_load(self, outcome: str, seconds: float | None) -> None:
+        self.adapter_loads.labels(outcome).inc()
+        if seconds is not None:
+            self.adapter_load_seconds.observe(seconds)
+
+    def observe_management_refused(self, code: str) -> None:
+        self.management_refused.labels(code).inc()
+
+    # The batcher's observer interface (called from its worker thread).
     def observe_batch(self, size: int, queue_waits_s: list[float]) -> None:
         self.batch_size.observe(size)
         for wait in queue_waits_s:

@@ -36,7 +36,7 @@ class NLIService:
         registry: AdapterRegistry,
         batcher: PairBatcher,
         *,
-        default_adapter: str,
+        default_adapter: str | None,
         max_text_chars: int,
         max_pairs_per_request: int,
         metrics: Metrics | None = None,
@@ -76,7 +76,7 @@ class NLIService:
                 details={"fields": [{"field": batch_field, "type": "too_long", "message": f"{len(pairs)} pairs"}]},
             )
         self._check_text(pairs, batch_field)
-        names = [pair.adapter or self.default_adapter for pair in pairs]
+        names = self._adapter_names(pairs, batch_field)
         resolved: dict[str, LoadedAdapter] = {}
         for name in dict.fromkeys(names):
             resolved[name] = self.registry.resolve(name)
@@ -90,12 +90,24 @@ class NLIService:
             self._count(names, exc.code, None)
             raise
         self._count(names, "ok", time.perf_counter() - started)
+        for adapter, count in Counter(adapters).items():
+            self.registry.record_served(adapter, count)
         results = []
         for name, adapter, probs in zip(names, adapters, probabilities):
             scores = dict(zip(adapter.labels, probs))
             best = max(range(len(probs)), key=probs.__getitem__)
             results.append(Classification(label=adapter.labels[best], scores=scores, adapter=name))
         return results
+
+    def _adapter_names(self, pairs: list[PairInput], batch_field: str) -> list[str]:
+        missing = [i for i, pair in enumerate(pairs) if not pair.adapter] if self.default_adapter is None else []
+        if missing:
+            where = [f"{batch_field}[{i}].adapter" if batch_field else "adapter" for i in missing]
+            raise InvalidInput(
+                "no default adapter is configured: name one in each request",
+                details={"fields": [{"field": f, "type": "missing", "message": "required"} for f in where[:10]]},
+            )
+        return [pair.adapter or self.default_adapter for pair in pairs]  # type: ignore[misc]
 
     def _count(self, names: list[str], outcome: str, elapsed_s: float | None) -> None:
         if self.metrics is None:

@@ -167,6 +167,12 @@ def test_bad_loads_are_refused_and_change_nothing(client, name, path, status):
     before = known()
     response = client.put(f"/adapters/{name}", json={"path": path})
     assert response.status_code == status, response.json()
+    if response.json()["error"]["code"] == "adapter_invalid":
+        # Files that cannot serve leave a trace: the name is known as failed, with the reason.
+        [failed] = known() - before
+        assert failed[:2] == (name, "failed")
+        assert client.get(f"/adapters/{name}").json()["error"]
+        assert client.delete(f"/adapters/{name}").status_code == 200
     assert known() == before
     assert nli(client, "alpha").status_code == 200
 

@@ -9,7 +9,8 @@ import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
 
-from app.inference.adapter_loader import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, sha256_file
+from app.artifacts import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
+from app.artifacts import sha256_tag as sha256_file
 from app.inference.base_model import build_classifier, load_tokenizer, resolve_base
 from app.inference.engine import NLIEngine
 from benchmarks.baselines.naive_peft import NaiveConfig, create_app
@@ -57,7 +58,7 @@ def test_merged_base_serves_what_merge_and_unload_gives(tiny_roberta_spec, rober
     assert meta["files"] == {f: sha256_file(head_dir / f) for f in (WEIGHTS_FILE, CONFIG_FILE)}
 
     engine = NLIEngine(resolve_base(str(merged.base_dir)), device="cpu")
-    adapter = engine.load_adapter(name, head_dir)  # validates the fingerprint and checksums
+    adapter = engine.read_adapter(name, head_dir)  # validates the fingerprint and checksums
     assert adapter.a == {} and adapter.labels == labels
     got = engine.run(engine.encode([p for p, _ in PAIRS], [h for _, h in PAIRS]), [adapter] * len(PAIRS))
     for (premise, hypothesis), probabilities in zip(PAIRS, got):

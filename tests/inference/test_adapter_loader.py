@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.inference.adapter_loader import AdapterLoadError, sha256_file
+from app.artifacts import sha256_tag as sha256_file
+from app.inference.adapter_loader import AdapterLoadError
 from app.inference.engine import NLIEngine
 from training.synthetic_adapter import write_random_adapter
 
@@ -132,8 +133,10 @@ def not_lora(p: Path) -> None:
     _refresh_checksums(p)
 
 
-def missing_metadata(p: Path) -> None:
+def no_labels_anywhere(p: Path) -> None:
+    # A plain PEFT directory (no metadata.json) with no id2label and no labels in the request.
     (p / "metadata.json").unlink()
+    (p / "config.json").unlink(missing_ok=True)
 
 
 def metadata_not_json(p: Path) -> None:
@@ -167,7 +170,7 @@ BAD_ADAPTERS = [
     duplicate_labels,
     dora,
     not_lora,
-    missing_metadata,
+    no_labels_anywhere,
     metadata_not_json,
     unknown_format,
     missing_config,
@@ -175,7 +178,7 @@ BAD_ADAPTERS = [
 
 
 def test_good_adapter_loads(engine, good):
-    adapter = engine.load_adapter("good", good)
+    adapter = engine.read_adapter("good", good)
     assert adapter.labels == ("entailment", "neutral", "contradiction")
     assert adapter.rank == 16
     assert adapter.target_modules == ("query", "value")
@@ -186,31 +189,31 @@ def test_good_adapter_loads(engine, good):
 def test_bad_adapter_is_refused_at_load(engine, good, damage):
     damage(good)
     with pytest.raises(AdapterLoadError) as caught:
-        engine.load_adapter("bad", good)
+        engine.read_adapter("bad", good)
     assert caught.value.kind == "invalid"
     assert caught.value.message
 
 
 def test_missing_directory_is_not_found(engine, tmp_path):
     with pytest.raises(AdapterLoadError) as caught:
-        engine.load_adapter("gone", tmp_path / "does-not-exist")
+        engine.read_adapter("gone", tmp_path / "does-not-exist")
     assert caught.value.kind == "not_found"
 
 
 def test_adapter_of_the_embedded_base_is_refused_on_roberta(engine, embedded_adapters):
     with pytest.raises(AdapterLoadError) as caught:
-        engine.load_adapter("alpha", embedded_adapters / "alpha")
+        engine.read_adapter("alpha", embedded_adapters / "alpha")
     assert caught.value.kind == "invalid"
 
 
 def test_rslora_scaling_is_honoured(engine, tiny_roberta_spec, tmp_path):
     path = write_random_adapter(tiny_roberta_spec, tmp_path / "rs", name="rs", rank=4, alpha=8, seed=5)
-    plain = engine.load_adapter("rs", path)
+    plain = engine.read_adapter("rs", path)
     config = json.loads((path / "adapter_config.json").read_text())
     config["use_rslora"] = True
     (path / "adapter_config.json").write_text(json.dumps(config))
     _refresh_checksums(path)
-    scaled = engine.load_adapter("rs", path)
+    scaled = engine.read_adapter("rs", path)
     module = next(iter(plain.b))
     # alpha/r = 2 versus alpha/sqrt(r) = 4
     assert torch.allclose(scaled.b[module], plain.b[module] * 2)
@@ -218,7 +221,7 @@ def test_rslora_scaling_is_honoured(engine, tiny_roberta_spec, tmp_path):
 
 def test_loaded_adapter_does_not_depend_on_its_file(engine, good):
     """The weights are copied out of the file: rewriting or truncating it later changes nothing."""
-    adapter = engine.load_adapter("good", good)
+    adapter = engine.read_adapter("good", good)
     encoded = engine.encode(["A man plays a guitar."], ["Someone makes music."])
     before = engine.run(encoded, [adapter])
     weights = good / "adapter_model.safetensors"

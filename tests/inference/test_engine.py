@@ -44,7 +44,7 @@ def setup(request, tiny_roberta_spec, roberta_adapters, embedded_spec, embedded_
         (tiny_roberta_spec, roberta_adapters) if request.param == "tiny-roberta" else (embedded_spec, embedded_adapters)
     )
     engine = NLIEngine(spec, device="cpu", max_seq_len=256)
-    adapters = {name: engine.load_adapter(name, root / name) for name in NAMES}
+    adapters = {name: engine.read_adapter(name, root / name) for name in NAMES}
     references = {
         (name, merged): reference(spec, root / name, adapters[name].labels, merged)
         for name in NAMES
@@ -107,7 +107,7 @@ def test_head_only_adapter_is_the_base_plus_its_head(tiny_roberta_spec, roberta_
 
     from safetensors.torch import load_file, save_file
 
-    from app.inference.adapter_loader import sha256_file
+    from app.artifacts import sha256_tag as sha256_file
 
     source, target = roberta_adapters / "alpha", tmp_path / "probe"
     shutil.copytree(source, target)
@@ -121,7 +121,7 @@ def test_head_only_adapter_is_the_base_plus_its_head(tiny_roberta_spec, roberta_
     (target / "metadata.json").write_text(json.dumps(meta))
 
     engine = NLIEngine(tiny_roberta_spec, device="cpu")
-    probe = engine.load_adapter("probe", target)
+    probe = engine.read_adapter("probe", target)
     assert probe.target_modules == () and probe.a == {}
 
     model = build_classifier(tiny_roberta_spec, num_labels=3).eval()

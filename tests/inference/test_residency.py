@@ -11,8 +11,8 @@ from app.inference.residency import Residency
 
 def adapter(name: str) -> AdapterWeights:
     return AdapterWeights(
-        name=name, labels=("a", "b"), task="t", rank=1, alpha=1.0, target_modules=("query",), base_id="b",
-        size_bytes=1, metadata={}, path=None, a={"m": torch.zeros(1, 2)}, b={"m": torch.zeros(2, 1)},
+        name=name, labels=("a", "b"), task="t", rank=1, target_modules=("query",), base_id="b",
+        size_bytes=1, metrics={}, path=None, a={"m": torch.zeros(1, 2)}, b={"m": torch.zeros(2, 1)},
         head=nn.Linear(2, 2),
     )
 

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from tests.inference.test_adapter_loader import (
     corrupt_safetensors,
-    missing_metadata,
+    no_labels_anywhere,
     modified_after_training,
     other_base,
     pickle_dressed_as_safetensors,
@@ -69,7 +69,9 @@ def nli(client, adapter="alpha", premise=PREMISE):
 
 
 def known(client) -> set:
-    return {(a["name"], a["state"], a["path"], a["size_bytes"]) for a in client.get("/adapters").json()["adapters"]}
+    """What serves: each ready adapter (a refused load leaves only a failed trace, with its reason)."""
+    adapters = client.get("/adapters").json()["adapters"]
+    return {(a["name"], a["path"], a["size_bytes"]) for a in adapters if a["state"] == "ready"}
 
 
 # -- broken adapters, loaded at runtime ------------------------------------------------------------------
@@ -98,7 +100,7 @@ def metadata_names_a_file_outside(p: Path) -> None:
 BAD_ADAPTERS = [
     corrupt_safetensors,
     truncated_safetensors,
-    missing_metadata,
+    no_labels_anywhere,
     other_base,
     modified_after_training,
     pickle_instead,
@@ -123,7 +125,8 @@ def test_bad_adapter_is_refused_to_its_loader_and_changes_nothing(client, root, 
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "adapter_invalid" and error["message"]
-    assert known(client) == before  # a failed replace keeps the old adapter, a failed load adds nothing
+    assert known(client) == before  # a failed replace keeps the old adapter, a failed load serves nothing
+    assert client.get(f"/adapters/{target}").json()["error"]  # and the refusal is on record
     after = nli(client)
     assert after.status_code == 200 and scores_close(after.json()["scores"], alpha_before)
     assert not (source.parent / f"{source.name}.unpickled").exists(), "a pickle was unpickled"
@@ -231,7 +234,7 @@ def test_exception_in_a_batch_fails_exactly_that_batch(client, monkeypatch, figu
     """engine.run raises for any batch holding a `beta` row. Concurrent traffic to alpha, beta and gamma:
     every request whose pairs ran in such a batch gets the typed 500, every other request is answered,
     correctly, and none is lost."""
-    engine = client.app.state.nli_engine
+    engine = client.app.state.runtime.engine
     premise_of: dict[int, str] = {}
     outcome: dict[str, str] = {}
     lock = threading.Lock()
@@ -291,7 +294,7 @@ def test_exception_in_a_batch_fails_exactly_that_batch(client, monkeypatch, figu
 
 
 def test_an_idle_server_admits_a_request_whatever_its_throughput_estimate(client):
-    batcher = client.app.state.batcher
+    batcher = client.app.state.runtime.batcher
     saved = batcher.pairs_per_s
     batcher.pairs_per_s = 0.01  # what one slow batch can leave behind
     try:
@@ -305,8 +308,8 @@ def test_an_idle_server_admits_a_request_whatever_its_throughput_estimate(client
 
 
 def test_client_that_disconnects_while_queued_is_dropped_before_the_model(client, figures):
-    engine = client.app.state.nli_engine
-    batcher = client.app.state.batcher
+    engine = client.app.state.runtime.engine
+    batcher = client.app.state.runtime.batcher
     gate, entered = threading.Event(), threading.Event()
     seen: list[list[str]] = []
     real_encode, real_run = engine.encode, engine.run

@@ -22,7 +22,7 @@ class FakeAdapter:
     target_modules: tuple[str, ...] = ("query",)
     base_id: str = "fake-base"
     size_bytes: int = 10
-    metadata: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
 
 
 class LoadError(Exception):
@@ -38,7 +38,7 @@ class FakeLoader:
         self.gate: threading.Event | None = None
         self.started = threading.Event()
 
-    def load_adapter(self, name, path):
+    def read_adapter(self, name, path, labels=None):
         self.started.set()
         if self.gate is not None:
             self.gate.wait(5)
@@ -56,12 +56,15 @@ class FakeResidency:
     def is_resident(self, adapter):
         return False
 
+    def is_pinned(self, name):
+        return False
+
     def retire(self, adapter):
         self.retired.append(adapter)
 
 
 def states(registry):
-    return {e.name: (e.state, e.path.name, e.requests) for e in registry.entries()}
+    return {e.name: (e.state, e.path.name, e.served_pairs) for e in registry.entries()}
 
 
 @pytest.fixture
@@ -78,28 +81,39 @@ def test_lifecycle_exact_state_after_each_step(parts, tmp_path):
     assert states(registry) == {"one": (AdapterState.READY, "v1", 0)}
 
     first = registry.resolve("one")
-    assert states(registry) == {"one": (AdapterState.READY, "v1", 1)}
+    assert states(registry) == {"one": (AdapterState.READY, "v1", 0)}  # resolving serves nothing yet
+    registry.record_served(first, 3)
+    assert states(registry) == {"one": (AdapterState.READY, "v1", 3)}
 
-    registry.load("one", tmp_path / "v2")  # replace keeps the request count, retires the old weights
-    assert states(registry) == {"one": (AdapterState.READY, "v2", 1)}
+    registry.load("one", tmp_path / "v2")  # a replace retires the old weights and starts counting again
+    assert states(registry) == {"one": (AdapterState.READY, "v2", 0)}
     assert residency.retired == [first]
-    assert registry.resolve("one") is not first
+    second = registry.resolve("one")
+    assert second is not first
+    registry.record_served(first, 5)  # pairs of the old weights, answered after the replace
+    registry.record_served(second, 2)
+    assert states(registry) == {"one": (AdapterState.READY, "v2", 2)}
 
     with pytest.raises(AdapterInvalid):
         registry.load("one", tmp_path / "bad")  # a failed replace leaves the old adapter serving
     assert states(registry) == {"one": (AdapterState.READY, "v2", 2)}
+    assert "bad adapter" in registry.entry("one").error
+    assert registry.resolve("one") is second
 
     with pytest.raises(AdapterInvalid):
-        registry.load("two", tmp_path / "bad")  # a failed new load leaves no trace
-    assert states(registry) == {"one": (AdapterState.READY, "v2", 2)}
+        registry.load("two", tmp_path / "bad")  # a failed new load is known as failed, with its reason
+    assert states(registry) == {"one": (AdapterState.READY, "v2", 2), "two": (AdapterState.FAILED, "bad", 0)}
+    assert registry.entry("two").error == "bad adapter"
 
     with pytest.raises(AdapterNotFound):
-        registry.load("two", tmp_path / "missing")
-    assert states(registry) == {"one": (AdapterState.READY, "v2", 2)}
+        registry.load("three", tmp_path / "missing")  # nothing at the path: no trace
+    assert states(registry) == {"one": (AdapterState.READY, "v2", 2), "two": (AdapterState.FAILED, "bad", 0)}
 
-    registry.unload("one")
+    assert registry.unload("two").state is AdapterState.UNLOADED
+    gone = registry.unload("one")
+    assert (gone.state, gone.adapter) == (AdapterState.UNLOADED, second)
     assert states(registry) == {}
-    assert len(residency.retired) == 2
+    assert residency.retired == [first, second]
     with pytest.raises(AdapterNotFound):
         registry.unload("one")
     with pytest.raises(AdapterNotFound):

@@ -12,14 +12,14 @@ from app.schemas.fraud import FraudBatchItem, FraudBatchRequest, FraudBatchRespo
 
 router = APIRouter(tags=["fraud"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "The body is larger than LORASWAP_MAX_REQUEST_BYTES."},
     422: {"model": ErrorResponse, "description": "Invalid transaction(s); `details.fields` names each offending field."},
     503: {"model": ErrorResponse, "description": "No fraud model is loaded; the message says why. Has Retry-After."},
 }
 
 
-@router.post("/fraud", response_model=FraudResponse, summary="Score one card transaction", responses=_ERRORS)
+@router.post("/fraud", response_model=FraudResponse, summary="Score one card transaction", responses=ERROR_RESPONSES)
 async def score_transaction(body: FraudRequest, service: FraudServiceDep, request: Request) -> FraudResponse:
     scores = await service.score([body.model_dump()])
     request.state.model_version = scores.model_version  # for the access log
@@ -36,7 +36,7 @@ async def score_transaction(body: FraudRequest, service: FraudServiceDep, reques
     "/fraud/batch",
     response_model=FraudBatchResponse,
     summary="Score up to LORASWAP_FRAUD_MAX_BATCH_TRANSACTIONS transactions, results in input order",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 async def score_transactions(body: FraudBatchRequest, service: FraudServiceDep, request: Request) -> FraudBatchResponse:
     # One model_dump of the whole request: pydantic-core converts every item in one pass.

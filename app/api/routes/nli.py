@@ -12,7 +12,7 @@ from app.services.nli import Classification, PairInput
 
 router = APIRouter(tags=["nli"])
 
-ERRORS = {
+ERROR_RESPONSES = {
     404: {"model": ErrorResponse, "description": "Unknown adapter; `details.available` lists the ready ones."},
     413: {"model": ErrorResponse, "description": "The body is larger than LORASWAP_MAX_REQUEST_BYTES."},
     422: {"model": ErrorResponse, "description": "Invalid input: empty or over-long text, bad or oversized batch."},
@@ -25,7 +25,7 @@ def _response(result: Classification) -> NLIResponse:
     return NLIResponse(label=result.label, scores=result.scores, adapter=result.adapter)
 
 
-@router.post("/nli", response_model=NLIResponse, responses=ERRORS, summary="Classify one premise/hypothesis pair")
+@router.post("/nli", response_model=NLIResponse, responses=ERROR_RESPONSES, summary="Classify one premise/hypothesis pair")
 async def create_nli(body: NLIRequest, service: NLIServiceDep, request: Request) -> NLIResponse:
     [result] = await unless_disconnected(
         request, service.classify([PairInput(body.premise, body.hypothesis, body.adapter)])
@@ -37,7 +37,7 @@ async def create_nli(body: NLIRequest, service: NLIServiceDep, request: Request)
 @router.post(
     "/nli/batch",
     response_model=NLIBatchResponse,
-    responses=ERRORS,
+    responses=ERROR_RESPONSES,
     summary="Classify many pairs, each with its own adapter if it names one",
 )
 async def create_nli_batch(body: NLIBatchRequest, service: NLIServiceDep, request: Request) -> NLIBatchResponse:
