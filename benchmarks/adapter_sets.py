@@ -5,7 +5,6 @@ fresh random weights, which keeps 100 adapters of roberta-large's size cheap to 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.inference.adapter_loader import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, sha256_file
+from app.artifacts import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, AdapterMetadata, sha256_tag, write_json_atomic
 from app.inference.base_model import BaseSpec, build_classifier, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ class AdapterSet:
         return self.root / name
 
     def labels(self, name: str) -> tuple[str, ...]:
-        return tuple(json.loads((self.root / name / METADATA_FILE).read_text())["labels"])
+        return tuple(AdapterMetadata.read(self.root / name).labels)
 
 
 def shipped_adapters_fit(base_fingerprint: str, names: tuple[str, ...] = SHIPPED_NAMES) -> bool:
@@ -50,23 +49,26 @@ def shipped_adapters_fit(base_fingerprint: str, names: tuple[str, ...] = SHIPPED
     for name in names:
         directory = SHIPPED_DIR / name
         try:
-            meta = json.loads((directory / METADATA_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = AdapterMetadata.read(directory)
+        except (OSError, ValueError):
             return False
-        if not (directory / WEIGHTS_FILE).is_file() or meta.get("base", {}).get("fingerprint") != base_fingerprint:
+        if not (directory / WEIGHTS_FILE).is_file() or meta.base.fingerprint != base_fingerprint:
             return False
     return True
 
 
 def write_metadata(directory: Path, meta: dict) -> None:
-    """metadata.json with `files` recomputed over the weights and config now in `directory`."""
-    meta = {**meta, "files": {f: sha256_file(directory / f) for f in (WEIGHTS_FILE, CONFIG_FILE)}}
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    """metadata.json from a plain dict, `files` recomputed over the weights and config now in `directory`.
+    For benchmark-only artifacts that AdapterMetadata does not describe (a head-only adapter with no
+    LoRA target modules, see benchmarks/merged_base.py); the server reads them leniently."""
+    meta = {**meta, "files": {f: sha256_tag(directory / f) for f in (WEIGHTS_FILE, CONFIG_FILE)}}
+    write_json_atomic(directory / METADATA_FILE, meta)
 
 
 def clone_with_random_weights(template: Path, output: Path, *, name: str, seed: int, scale: float = 0.02) -> Path:
-    """A new adapter of the template's exact shapes and config, every tensor redrawn at random."""
+    """A new adapter of the template's exact shapes and configs, every tensor redrawn at random."""
     output.mkdir(parents=True, exist_ok=True)
+    meta = AdapterMetadata.read(template)
     generator = torch.Generator().manual_seed(seed)
     with safe_open(str(template / WEIGHTS_FILE), framework="pt") as handle:
         file_metadata = handle.metadata()
@@ -75,12 +77,14 @@ def clone_with_random_weights(template: Path, output: Path, *, name: str, seed: 
             for key in handle.keys()
         }
     save_file(tensors, str(output / WEIGHTS_FILE), metadata=file_metadata)
-    shutil.copy(template / CONFIG_FILE, output / CONFIG_FILE)
-    meta = json.loads((template / METADATA_FILE).read_text())
-    meta["name"] = name
+    (output / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600
+    for file_name in meta.files:
+        if file_name != WEIGHTS_FILE:
+            shutil.copy(template / file_name, output / file_name)
     note = f"random weights (seed {seed}, scale {scale}); cloned from {template.name}; not trained"
-    meta["training"] = {"note": note}
-    write_metadata(output, meta)
+    meta.model_copy(
+        update={"name": name, "training": {"note": note}, "files": AdapterMetadata.checksums(output, list(meta.files))}
+    ).write(output)
     return output
 
 

@@ -1,4 +1,5 @@
-"""Read sentence-pair NLI files (shared jsonl, official MultiNLI jsonl, GLUE tsv) into labelled examples and split them."""
+"""Read sentence-pair NLI files (shared jsonl, official MultiNLI/SNLI jsonl, GLUE tsv) into labelled examples,
+split them, and assemble a run's training and held-out parts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PairFile:
     """One data file, read: its examples in file order, plus what the reader dropped."""
 
     path: Path
-    format: str  # "jsonl" (shared or Hugging Face layout), "multinli-jsonl" or "glue-tsv"
+    format: str  # "jsonl" (shared or Hugging Face layout), "multinli-jsonl" (MultiNLI and SNLI) or "glue-tsv"
     examples: list[PairExample]
     skipped_no_gold: int
     sha256: str
@@ -58,7 +59,8 @@ class PairFile:
 
 
 def read_pairs(path: str | Path) -> PairFile:
-    """Read a pair file; the format is chosen by suffix (.jsonl/.json, .tsv) or by the first byte."""
+    """Read a pair file; the format is chosen by suffix (.jsonl/.json, .tsv) or by the first byte
+    (`{`: jsonl, else tab-separated with a header, e.g. MultiNLI's and SNLI's .txt files)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"data file not found: {path}")
@@ -98,8 +100,14 @@ def read_pairs(path: str | Path) -> PairFile:
     )
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at newlines only: str.splitlines() also splits at U+2028, form feeds and the like,
+    which may sit inside a sentence (and, unescaped, inside a JSON string)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -112,18 +120,16 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _tsv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    # GLUE's tsv files are not CSV-quoted: a '"' inside a sentence is literal text.
-    reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    # GLUE's and MultiNLI/SNLI's tsv files are not CSV-quoted: a '"' inside a sentence is literal text.
+    reader = csv.reader(_lines(text), delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
-    if not header:
+    if not header or not any(cell.strip() for cell in header):
         raise DatasetError(f"{path}: empty file")
     for line_no, cells in enumerate(reader, start=2):
         if not any(cell.strip() for cell in cells):
             continue
-        if len(cells) < len(header):
-            raise DatasetError(
-                f"{path} line {line_no}: {len(cells)} tab-separated cells, the header has {len(header)}"
-            )
+        # Trailing empty columns may be left out (the label2..label5 of MultiNLI/SNLI .txt training
+        # rows); a row short of a needed column fails below with that column's name.
         yield line_no, dict(zip(header, cells))
 
 
@@ -272,3 +278,89 @@ def ids_digest(examples: list[PairExample]) -> str:
 
 def label_counts(examples: list[PairExample]) -> dict[str, int]:
     return dict(sorted(Counter(example.label for example in examples).items()))
+
+
+@dataclass
+class TrainingData:
+    """A run's rows: the training part, the held-out part, the label order, and how they were made."""
+
+    train: list[PairExample]
+    evaluation: list[PairExample]
+    labels: tuple[str, ...]
+    train_description: str
+    eval_description: str
+    split: str
+    eval_ids_sha256: str
+    skipped_no_gold: int = 0
+
+
+def prepare_training_data(
+    train_path: Path,
+    *,
+    eval_path: Path | None = None,
+    eval_fraction: float | None = None,
+    split_seed: int = 13,
+    extra_train: Sequence[Path] = (),
+    extra_train_skip_heldout: float | None = None,
+    label_set: str = "auto",
+    limit: int | None = None,
+) -> TrainingData:
+    """Read `train_path`, take the held-out part from `eval_path` or a stratified `eval_fraction`
+    split of it, append `extra_train` rows to the training part only, and cut both parts to `limit`."""
+    train_file = read_pairs(train_path)
+    labels = LABEL_SETS[label_set] if label_set != "auto" else infer_label_set(train_file.examples, str(train_path))
+    check_labels(train_file.examples, labels, str(train_path))
+    skipped = train_file.skipped_no_gold
+    if eval_path is not None:
+        eval_file = read_pairs(eval_path)
+        check_labels(eval_file.examples, labels, str(eval_path))
+        train, evaluation = train_file.examples, eval_file.examples
+        eval_description = eval_file.description
+        split = f"separate files: train {train_file.path.name}, eval {eval_file.path.name}"
+        skipped += eval_file.skipped_no_gold
+    elif eval_fraction is not None:
+        train, evaluation = split_examples(train_file.examples, eval_fraction, split_seed)
+        eval_description = train_file.description
+        share = round(100 * eval_fraction)
+        split = (
+            f"{100 - share}/{share} split of {train_file.path.name}, stratified by label, seed {split_seed} "
+            f"(training.nli_data.split_examples, --eval-fraction {eval_fraction} --split-seed {split_seed})"
+        )
+    else:
+        train, evaluation, eval_description, split = train_file.examples, [], "", "none (dry run)"
+    train_description = train_file.description
+    for extra_path in extra_train:
+        extra_file = read_pairs(extra_path)
+        extra = extra_file.examples
+        how = "all rows"
+        if extra_train_skip_heldout is not None:
+            extra, _ = split_examples(extra, extra_train_skip_heldout, split_seed)
+            how = f"training part of its {extra_train_skip_heldout} / seed {split_seed} split"
+        extra = adapt_to_label_set(extra, labels)
+        check_labels(extra, labels, str(extra_path))
+        train = train + extra
+        train_description += f" + {extra_file.description}: {how}, {len(extra)} rows"
+        if labels == RTE_LABELS:
+            train_description += " (neutral, contradiction -> not_entailment)"
+    if limit is not None:
+        train, evaluation = train[:limit], evaluation[:limit]
+        split += f"; --limit {limit} (first rows of each part)"
+    _warn_overlap(train, evaluation)
+    return TrainingData(
+        train=train,
+        evaluation=evaluation,
+        labels=labels,
+        train_description=train_description,
+        eval_description=eval_description,
+        split=split,
+        eval_ids_sha256=ids_digest(evaluation),
+        skipped_no_gold=skipped,
+    )
+
+
+def _warn_overlap(train: list[PairExample], evaluation: list[PairExample]) -> None:
+    """Identical pairs on both sides inflate held-out accuracy; say so rather than hide it."""
+    train_pairs = {(e.premise, e.hypothesis) for e in train}
+    shared = sum((e.premise, e.hypothesis) in train_pairs for e in evaluation)
+    if shared:
+        logger.warning("%d evaluation rows repeat a training pair verbatim (different rows of the source)", shared)

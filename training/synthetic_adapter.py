@@ -4,17 +4,16 @@ need many adapters, or adapters of a size, without training them. Their predicti
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from app.inference.adapter_loader import sha256_file
+from app.artifacts import CONFIG_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE, AdapterMetadata, BaseRecord, LoraRecord
 from app.inference.base_model import BaseSpec, build_classifier, fingerprint, resolve_base
-
-NLI_LABELS = ("entailment", "neutral", "contradiction")
+from training.nli_artifact import write_model_config
+from training.nli_data import NLI_LABELS
 
 
 def write_random_adapter(
@@ -36,6 +35,8 @@ def write_random_adapter(
     `base_fingerprint` skips re-hashing the base when the caller already knows it (many adapters).
     """
     model = build_classifier(spec, num_labels=len(labels), head_seed=seed)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
     base_fp = base_fingerprint or fingerprint(model)
     peft_model = get_peft_model(
         model,
@@ -51,38 +52,42 @@ def write_random_adapter(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(output))
-    files = {f: sha256_file(output / f) for f in ("adapter_model.safetensors", "adapter_config.json")}
-    metadata = {
-        "format_version": 1,
-        "name": name,
-        "task": "synthetic",
-        "labels": list(labels),
-        "base": {
-            "id": spec.name,
-            "display": spec.display_id,
-            "model_type": model.config.model_type,
-            "fingerprint": base_fp,
-            "random_init": spec.random_init,
-            "seed": spec.seed,
-        },
-        "method": "lora",
-        "lora": {"r": rank, "alpha": alpha, "dropout": 0.0, "target_modules": list(target_modules)},
-        "training": {"note": f"random weights (seed {seed}, scale {weight_scale}); not trained"},
-        "metrics": {},
-        "files": files,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    (output / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    write_model_config(model.config, output)
+    files = [WEIGHTS_FILE, CONFIG_FILE, MODEL_CONFIG_FILE]
+    for file_name in files:
+        (output / file_name).chmod(0o644)  # safetensors writes 0600: a non-root server could not read it
+    AdapterMetadata(
+        name=name,
+        task="synthetic",
+        labels=list(labels),
+        base=BaseRecord(
+            id=spec.name,
+            display=spec.display_id,
+            model_type=model.config.model_type,
+            fingerprint=base_fp,
+            random_init=spec.random_init,
+            seed=spec.seed,
+        ),
+        method="lora",
+        lora=LoraRecord(r=rank, alpha=alpha, dropout=0.0, target_modules=list(target_modules)),
+        training={"note": f"random weights (seed {seed}, scale {weight_scale}); not trained"},
+        files=AdapterMetadata.checksums(output, files),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ).write(output)
     return output
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base", default="embedded", help="base id or directory (default: embedded)")
-    parser.add_argument("--random-init", action="store_true", help="random base weights (seeded)")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.synthetic_adapter",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--base", default="embedded", help="base id or directory")
+    parser.add_argument("--random-init", action="store_true", help="random base weights (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random base")
     parser.add_argument("--output", type=Path, required=True, help="directory to write adapters into")
-    parser.add_argument("--count", type=int, default=1, help="how many adapters (named synth-000...)")
+    parser.add_argument("--count", type=int, default=1, help="how many adapters (named synth-000, synth-001, ...)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     args = parser.parse_args(argv)
     spec = resolve_base(args.base, random_init=args.random_init, seed=args.seed)

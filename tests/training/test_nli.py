@@ -1,4 +1,5 @@
-"""Tests for the NLI training CLI: parameter report, LoRA and full runs end to end, and what they write."""
+"""Tests for the NLI training CLI: parameter report, LoRA and full runs end to end, what they write (and
+that plain PEFT loads it with the label names), and that an existing artifact is not overwritten."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import DataCollatorWithPadding
 
+from app.artifacts import AdapterMetadata
 from training import nli
+from training.cards import portable
+from training.nli_model import build_model
+from training.nli_trainer import PairDataset, evaluate_fp32
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "nli"
 
@@ -84,7 +90,13 @@ def test_full_dry_run_trains_every_parameter(tiny_roberta_dir, capsys):
 
 def test_lora_run_writes_every_artifact_file(lora_run):
     names = {p.name for p in lora_run.output.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "metadata.json", "training_curve.png", "README.md"} <= names
+    assert names == {
+        "adapter_config.json", "adapter_model.safetensors", "config.json", "metadata.json", "training_curve.png", "README.md",
+    }
+    for path in lora_run.output.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path.name  # readable by a non-root server
+    assert lora_run.output.stat().st_mode & 0o755 == 0o755
+    assert not [p for p in lora_run.output.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def test_metadata_follows_the_schema(lora_run, lora_metadata, tiny_roberta_dir):
@@ -103,7 +115,8 @@ def test_metadata_follows_the_schema(lora_run, lora_metadata, tiny_roberta_dir):
     assert training["command"].startswith("python -m training.nli ")
     for name, digest in lora_metadata["files"].items():
         assert sha256_of(lora_run.output / name) == digest
-    assert set(lora_metadata["files"]) == {"adapter_model.safetensors", "adapter_config.json"}
+    assert set(lora_metadata["files"]) == {"adapter_model.safetensors", "adapter_config.json", "config.json"}
+    assert AdapterMetadata.read(lora_run.output).labels == lora_metadata["labels"]
 
 
 def test_history_is_the_training_table(lora_metadata):
@@ -140,21 +153,94 @@ def test_peft_reload_reproduces_logits_accuracy_and_fingerprint(lora_run, lora_m
         got = reloaded(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    metrics = nli.evaluate_fp32(reloaded, eval_dataset(lora_run, tokenizer), nli.DataCollatorWithPadding(tokenizer))
+    metrics = evaluate_fp32(reloaded, eval_dataset(lora_run, tokenizer), DataCollatorWithPadding(tokenizer))
     assert round(metrics["eval_accuracy"], 4) == lora_metadata["metrics"]["eval_accuracy"]
 
 
-def eval_dataset(run, tokenizer) -> nli.PairDataset:
+def eval_dataset(run, tokenizer) -> PairDataset:
     """The run's held-out rows, rebuilt from the flags recorded in its metadata."""
     args = nli.parse_args(smoke_argv(Path("unused"), run.output))
     data = nli.load_data(args)
-    return nli.PairDataset(data.evaluation, tokenizer, data.labels, max_length=64)
+    return PairDataset(data.evaluation, tokenizer, data.labels, max_length=64)
 
 
-def test_model_card_quotes_the_measured_accuracy(lora_run, lora_metadata):
+def test_plain_peft_loads_the_adapter_with_the_label_names(lora_run, tiny_roberta_dir, tmp_path):
+    """What a PEFT user does with only transformers and peft: the base's own checkpoint, the config
+    beside the adapter for the labels, PeftModel.from_pretrained; same logits as the trained model."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    from app.inference.base_model import load_tokenizer, resolve_base
+
+    # A base checkpoint as the hub has them: the encoder alone, no classification head.
+    hub_like = tmp_path / "base"
+    AutoModel.from_pretrained(str(tiny_roberta_dir)).save_pretrained(str(hub_like))
+    config = AutoConfig.from_pretrained(str(lora_run.output))
+    base = AutoModelForSequenceClassification.from_pretrained(str(hub_like), config=config)
+    model = PeftModel.from_pretrained(base, str(lora_run.output)).eval()
+    assert model.config.id2label == {0: "entailment", 1: "neutral", 2: "contradiction"}
+    assert model.config.label2id == {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+    batch = eval_batch(load_tokenizer(resolve_base(str(tiny_roberta_dir))))
+    lora_run.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, lora_run.model(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_model_card_quotes_the_measured_accuracy_and_no_machine_path(lora_run, lora_metadata):
     card = (lora_run.output / "README.md").read_text()
     assert f"{lora_metadata['metrics']['eval_accuracy']:.4f}" in card
-    assert lora_metadata["training"]["command"] in card
+    command = lora_metadata["training"]["command"]
+    assert str(lora_run.output) in command  # metadata keeps the command as run
+    assert portable(command) in card
+    assert "--train data/nli/mnli_sample.jsonl " in card and "--output tiny-mnli\n" in card
+    assert str(lora_run.output.parent) not in card and "/tmp/" not in card
+
+
+def test_an_existing_artifact_is_refused_without_force_and_replaced_with_it(lora_run, tiny_roberta_dir, tmp_path):
+    import shutil
+
+    output = tmp_path / "rte"
+    shutil.copytree(lora_run.output, output)
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+    argv = smoke_argv(tiny_roberta_dir, output, "--limit", "16", "--eval-every", "1")
+    with pytest.raises(SystemExit) as excinfo:
+        nli.main(argv)
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and str(output) in message and "--force" in message
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+
+    nli.main([*argv, "--force"])
+    after = AdapterMetadata.read(output)
+    assert after.training["train_rows"] == 16
+    assert after.metrics["history"] != json.loads(before["metadata.json"])["metrics"]["history"]
+    assert [p.name for p in tmp_path.iterdir()] == ["rte"]  # the replaced artifact and the staging are gone
+
+
+def test_a_non_artifact_directory_is_refused_even_with_force(tiny_roberta_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as excinfo:
+        nli.main(smoke_argv(tiny_roberta_dir, tmp_path, "--force"))
+    assert "holds no artifact" in str(excinfo.value.code)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_warmup_ratio_is_a_fraction_of_the_optimiser_steps(tiny_roberta_dir):
+    """transformers 5 has no warmup_ratio: the ratio goes in warmup_steps, read as a fraction below 1."""
+    from transformers import AutoTokenizer
+
+    from training.nli_trainer import TrainSettings, make_trainer
+
+    args = nli.parse_args(smoke_argv(tiny_roberta_dir, Path("unused"), "--warmup-ratio", "0.1"))
+    built = build_model(nli.model_config(args), ("entailment", "neutral", "contradiction"), with_fingerprint=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_roberta_dir))
+    trainer, _ = make_trainer(nli.train_settings(args), built.model, tokenizer, [], [])
+    assert trainer.args.get_warmup_steps(25) == 3  # ceil(2.5)
+    trainer.create_optimizer_and_scheduler(num_training_steps=200)
+    factor = trainer.lr_scheduler.lr_lambdas[0]  # multiplier of the peak learning rate at a step
+    assert [round(factor(step), 4) for step in (0, 10, 20, 110, 200)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    with pytest.raises(ValueError):
+        TrainSettings(warmup_ratio=1.0)
 
 
 def test_full_fine_tuning_writes_a_loadable_model(tiny_roberta_dir, tmp_path):
@@ -168,6 +254,7 @@ def test_full_fine_tuning_writes_a_loadable_model(tiny_roberta_dir, tmp_path):
     assert metadata["method"] == "full" and metadata["lora"] is None
     assert metadata["training"]["trainable_params"] == metadata["training"]["all_params"]
     assert set(metadata["files"]) == {"model.safetensors", "config.json"}
+    assert "id2label" in json.loads((output / "config.json").read_text())
     for name, digest in metadata["files"].items():
         assert sha256_of(output / name) == digest
 
@@ -185,7 +272,7 @@ def test_init_adapter_copies_lora_matrices_but_not_the_head(lora_run, tiny_rober
     args = nli.parse_args(
         ["--base", str(tiny_roberta_dir), "--labels", "rte", "--init-adapter", str(lora_run.output), "--dry-run"]
     )
-    built = nli.build_model(args, ("entailment", "not_entailment"), with_fingerprint=True)
+    built = build_model(nli.model_config(args), ("entailment", "not_entailment"), with_fingerprint=True)
     state = built.model.state_dict()
     saved = load_file(str(lora_run.output / "adapter_model.safetensors"))
     lora_keys = [key for key in saved if "lora_" in key]
@@ -217,6 +304,8 @@ def test_help_explains_every_option():
         [],  # no --train and no --dry-run
         ["--train", "x.jsonl"],  # no held-out set
         ["--train", "x.jsonl", "--eval", "y.jsonl", "--eval-fraction", "0.2"],
+        ["--train", "x.jsonl", "--eval-fraction", "0.2", "--warmup-ratio", "1"],  # would read as 1 step
+        ["--train", "x.jsonl", "--eval-fraction", "0.2", "--warmup-ratio", "-0.1"],
     ],
 )
 def test_incomplete_command_lines_are_usage_errors(argv):

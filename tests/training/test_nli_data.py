@@ -194,3 +194,116 @@ def test_extra_training_rows_join_the_training_part_only_reduced_to_rte():
     assert not train_ids & {e.id for e in mnli_held_out}
     assert {e.label for e in data.train} == set(RTE_LABELS)
     assert "neutral, contradiction -> not_entailment" in data.train_description
+
+
+# Tiny files in the layouts the publishers ship (field sets and orders as in the official downloads;
+# the sentences are the first rows of each official dev set).
+SNLI_1_0_JSONL = [
+    {"annotator_labels": ["neutral", "entailment", "neutral", "neutral", "neutral"], "captionID": "4705552913.jpg#2",
+     "gold_label": "neutral", "pairID": "4705552913.jpg#2r1n",
+     "sentence1": "Two women are embracing while holding to go packages.",
+     "sentence1_binary_parse": "( ( Two women ) ( ( are ( embracing ( while ( holding ( to ( go packages ) ) ) ) ) ) . ) )",
+     "sentence1_parse": "(ROOT (S (NP (CD Two) (NNS women)) (VP (VBP are) (VP (VBG embracing))) (. .)))",
+     "sentence2": "The sisters are hugging goodbye while holding to go packages after just eating lunch.",
+     "sentence2_binary_parse": "( ( The sisters ) ( ( are ( hugging goodbye ) ) . ) )",
+     "sentence2_parse": "(ROOT (S (NP (DT The) (NNS sisters)) (VP (VBP are) (VP (VBG hugging))) (. .)))"},
+    {"annotator_labels": ["entailment", "neutral", "contradiction"], "captionID": "x#0", "gold_label": "-",
+     "pairID": "x#0r1e", "sentence1": "A dog.", "sentence2": "An animal."},
+    {"annotator_labels": ["entailment"], "captionID": "4705552913.jpg#2", "gold_label": "entailment",
+     "pairID": "4705552913.jpg#2r1e", "sentence1": "Two women are embracing while holding to go packages.",
+     "sentence2": "Two woman are holding packages."},
+]
+MULTINLI_TXT_HEADER = (
+    "gold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
+    "sentence1\tsentence2\tpromptID\tpairID\tgenre\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5"
+)
+GLUE_RTE_HEADER = "index\tsentence1\tsentence2\tlabel"
+
+
+def test_official_snli_jsonl(tmp_path):
+    pairs = read_pairs(write_jsonl(tmp_path / "snli_1.0_dev.jsonl", SNLI_1_0_JSONL))
+    assert pairs.skipped_no_gold == 1
+    assert [(e.id, e.label) for e in pairs.examples] == [
+        ("4705552913.jpg#2r1n", "neutral"), ("4705552913.jpg#2r1e", "entailment"),
+    ]
+    assert pairs.examples[0].premise == "Two women are embracing while holding to go packages."
+    assert infer_label_set(pairs.examples, "snli") == NLI_LABELS
+
+
+def test_official_multinli_txt_with_left_out_trailing_label_columns(tmp_path):
+    """The .txt twin of the jsonl: tab-separated, parses first; training rows carry only label1."""
+    lines = [
+        MULTINLI_TXT_HEADER,
+        "neutral\t( ( Conceptually ... ) )\t( Product ... )\t(ROOT ...)\t(ROOT ...)\t"
+        "Conceptually cream skimming has two basic dimensions - product and geography.\t"
+        "Product and geography are what make cream skimming work. \t31193\t31193n\tgovernment\tneutral",
+        'entailment\t( a )\t( b )\t(ROOT a)\t(ROOT b)\the said "yes.\tHe agreed.\t1\t1e\tfiction\tentailment\t'
+        "entailment\tentailment\tneutral\tentailment",
+        "-\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tA cat.\tA pet.\t2\t2n\tfiction\tneutral\tentailment\t\t\t",
+    ]
+    path = tmp_path / "multinli_1.0_train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    pairs = read_pairs(path)
+    assert pairs.format == "glue-tsv"
+    assert pairs.skipped_no_gold == 1
+    assert [(e.id, e.label) for e in pairs.examples] == [("31193n", "neutral"), ("1e", "entailment")]
+    assert pairs.examples[1].premise == 'he said "yes.'
+
+
+def rte_tsv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    lines = [GLUE_RTE_HEADER] + [f"{i}\t{p}\t{h}\t{label}" for i, (p, h, label) in enumerate(rows)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+RTE_ROWS = [
+    ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, according to the "
+     "Christopher Reeve Foundation.", "Christopher Reeve had an accident.", "not_entailment"),
+    ("Yet, we now are discovering that antibiotics are losing their effectiveness against illness.",
+     "Bacteria is winning the war against antibiotics.", "entailment"),
+    ('The "Hague" court\u2028ruled on Monday.', "A court ruled.", "entailment"),  # a quote and U+2028 in a sentence
+    ("It rained all day in Paris.", "Paris was dry.", "not_entailment"),
+]
+
+
+def test_official_glue_rte_tsv(tmp_path):
+    pairs = read_pairs(rte_tsv(tmp_path / "RTE" / "dev.tsv", RTE_ROWS))
+    assert [e.label for e in pairs.examples] == [row[2] for row in RTE_ROWS]
+    assert pairs.examples[2].premise == 'The "Hague" court\u2028ruled on Monday.'
+    assert [e.id for e in pairs.examples] == ["0", "1", "2", "3"]
+    assert infer_label_set(pairs.examples, "rte") == RTE_LABELS
+
+
+def test_glue_rte_test_file_without_labels_is_refused_by_name(tmp_path):
+    path = tmp_path / "RTE" / "test.tsv"
+    path.parent.mkdir()
+    path.write_text("index\tsentence1\tsentence2\n0\tMaude and Dora had seen the trains.\tTrains frighten Maude.\n")
+    with pytest.raises(DatasetError, match="line 2: missing field 'label'"):
+        read_pairs(path)
+
+
+def test_the_cli_reads_official_rte_files_as_they_come(tmp_path):
+    """`--train RTE/train.tsv --eval RTE/dev.tsv`, as the docs tell a user, up to the split."""
+    train = rte_tsv(tmp_path / "RTE" / "train.tsv", RTE_ROWS * 3)
+    dev = rte_tsv(tmp_path / "RTE" / "dev.tsv", RTE_ROWS)
+    data = nli.load_data(nli.parse_args(["--name", "my-rte", "--train", str(train), "--eval", str(dev)]))
+    assert data.labels == RTE_LABELS
+    assert (len(data.train), len(data.evaluation)) == (12, 4)
+    assert data.split == "separate files: train train.tsv, eval dev.tsv"
+
+
+def test_the_cli_splits_official_multinli_jsonl(tmp_path):
+    rows = [
+        {"annotator_labels": [label], "genre": "fiction", "gold_label": label, "pairID": f"{i}{label[0]}",
+         "promptID": str(i), "sentence1": f"Premise {i}.", "sentence2": f"Hypothesis {i}.",
+         "sentence1_binary_parse": "( x )", "sentence2_binary_parse": "( y )",
+         "sentence1_parse": "(ROOT x)", "sentence2_parse": "(ROOT y)"}
+        for i, label in enumerate(["entailment", "neutral", "contradiction"] * 10)
+    ]
+    (tmp_path / "multinli_1.0").mkdir()
+    path = write_jsonl(tmp_path / "multinli_1.0" / "multinli_1.0_dev_matched.jsonl", rows)
+    data = nli.load_data(nli.parse_args(["--train", str(path), "--eval-fraction", "0.2", "--split-seed", "13"]))
+    assert data.labels == NLI_LABELS
+    assert (len(data.train), len(data.evaluation)) == (24, 6)
+    assert Counter(e.label for e in data.evaluation) == {"entailment": 2, "neutral": 2, "contradiction": 2}
