@@ -43,6 +43,9 @@ class RequestOutput(ProtocolBody):
 
 class InferenceRequest(ProtocolBody):
     id: str | None = Field(None, max_length=256, description="Echoed in the response.")
+    # KServe's InferenceRESTClient sends these in the body; the URL names the model.
+    model_name: str | None = Field(None, max_length=256, description="Ignored: the URL names the model.")
+    model_version: str | None = Field(None, max_length=256, description="Ignored: models are not versioned.")
     parameters: Parameters | None = Field(
         None, max_length=32, description="`binary_data_output`: every output as binary tensor data."
     )
@@ -84,6 +87,19 @@ class ModelMetadataResponse(BaseModel):
         description="loraswap's additions: `labels` (the column order of `probabilities`) or `features` "
         "(the column order of `features`), and the state of the model.",
     )
+
+
+class ServerLiveResponse(BaseModel):
+    live: bool
+
+
+class ServerReadyResponse(BaseModel):
+    ready: bool
+
+
+class ModelReadyResponse(BaseModel):
+    name: str
+    ready: bool
 
 
 class ServerMetadataResponse(BaseModel):

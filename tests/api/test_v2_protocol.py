@@ -118,9 +118,11 @@ def test_server_metadata_and_health(client):
     body = metadata.json()
     assert body["name"] == "loraswap" and body["version"]
     assert {"binary_tensor_data", "model_repository"} <= set(body["extensions"])
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/alpha/ready", "/v2/models/fraud/ready"):
-        response = client.get(path)
-        assert (response.status_code, response.content) == (200, b""), path
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    for name in ("alpha", "fraud"):
+        response = client.get(f"/v2/models/{name}/ready")
+        assert response.status_code == 200 and response.json() == {"name": name, "ready": True}
 
 
 def test_model_metadata_names_tensors_and_label_order(client):

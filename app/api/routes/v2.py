@@ -29,12 +29,15 @@ from app.schemas.v2 import (
     InferenceRequest,
     InferenceResponse,
     ModelMetadataResponse,
+    ModelReadyResponse,
     ProtocolError,
     RepositoryIndexRequest,
     RepositoryLoadRequest,
     RepositoryModel,
     RepositoryUnloadRequest,
+    ServerLiveResponse,
     ServerMetadataResponse,
+    ServerReadyResponse,
     TensorMetadata,
 )
 from app.services.nli import PairInput
@@ -69,7 +72,6 @@ MANAGEMENT = {
     422: _error("Invalid name or body, the fraud model's name, or an adapter that cannot serve on this base."),
     **NOT_READY,
 }
-EMPTY_OK = {200: {"description": "Yes (empty body).", "content": {}}}
 
 
 def _inlined_schema(model: type) -> dict[str, Any]:
@@ -117,22 +119,23 @@ INFER_OPENAPI = {
 # -- health and metadata ------------------------------------------------------------------------------
 
 
-@router.get("/health/live", summary="Server live", response_class=Response, responses=EMPTY_OK)
-async def get_server_live() -> Response:
-    return Response(status_code=200)
+# The protocol asks only for the status (200 yes, else no); the bodies are KServe's, whose client reads them.
+@router.get("/health/live", summary="Server live", response_model=ServerLiveResponse)
+async def get_server_live() -> ServerLiveResponse:
+    return ServerLiveResponse(live=True)
 
 
 @router.get(
     "/health/ready",
     summary="Server ready: every configured model is loaded",
-    response_class=Response,
-    responses={**EMPTY_OK, **NOT_READY},
+    response_model=ServerReadyResponse,
+    responses=NOT_READY,
 )
-async def get_server_ready(readiness: ReadinessDep) -> Response:
+async def get_server_ready(readiness: ReadinessDep) -> ServerReadyResponse:
     missing = [f"{s.name}: {s.reason}" for s in readiness.snapshot() if not s.ready]
     if missing:
         raise NotReady("not ready: " + "; ".join(missing))
-    return Response(status_code=200)
+    return ServerReadyResponse(ready=True)
 
 
 @router.get("", response_model=ServerMetadataResponse, summary="Server metadata")
@@ -192,20 +195,20 @@ async def get_model_metadata(model_name: str, runtime: RuntimeDep) -> ModelMetad
 @router.get(
     "/models/{model_name}/ready",
     summary="Model ready",
-    response_class=Response,
-    responses={**EMPTY_OK, **NOT_FOUND, **NOT_READY},
+    response_model=ModelReadyResponse,
+    responses={**NOT_FOUND, **NOT_READY},
 )
-async def get_model_ready(model_name: str, runtime: RuntimeDep) -> Response:
+async def get_model_ready(model_name: str, runtime: RuntimeDep) -> ModelReadyResponse:
     if model_name == FRAUD_MODEL:
         if not _fraud_service(runtime).ready:
             raise NotReady("model 'fraud' is not loaded")
-        return Response(status_code=200)
+        return ModelReadyResponse(name=FRAUD_MODEL, ready=True)
     _, adapters = _nli_part(runtime, model_name)
     info = adapters.describe(model_name)
     if info.state != "ready":
         reason = f": {info.error}" if info.error else ""
         raise NotReady(f"model {model_name!r} is {info.state}{reason}")
-    return Response(status_code=200)
+    return ModelReadyResponse(name=model_name, ready=True)
 
 
 # -- inference ----------------------------------------------------------------------------------------
