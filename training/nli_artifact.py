@@ -84,11 +84,13 @@ def public_base_id(base_name: str) -> str:
     return EMBEDDED_BASE_ID if base_name == EMBEDDED_BASE else base_name
 
 
-def write_model_config(config: Any, directory: Path) -> Path:
+def write_model_config(classifier: Any, directory: Path) -> Path:
     """config.json beside an adapter: the classifier's transformers config with id2label/label2id,
     so plain PEFT users get the label names (`AutoConfig.from_pretrained(adapter_dir)`)."""
+    config = classifier.config
     data = config.to_diff_dict()
     data.pop("_name_or_path", None)  # the directory the base was loaded from on this machine
+    data["architectures"] = [type(classifier).__name__]  # the base checkpoint's says e.g. BertModel
     data["id2label"] = {str(i): label for i, label in sorted(config.id2label.items())}
     data["label2id"] = {label: int(i) for label, i in config.label2id.items()}
     path = directory / MODEL_CONFIG_FILE
@@ -106,7 +108,7 @@ def save_weights(built: BuiltModel, method: str, tokenizer, directory: Path) -> 
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = public_base_id(built.spec.name)
         write_text_atomic(config_path, json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        write_model_config(built.classifier_config, directory)
+        write_model_config(built.classifier, directory)
         names = [WEIGHTS_FILE, CONFIG_FILE, MODEL_CONFIG_FILE]
     else:
         tokenizer.save_pretrained(str(directory))

@@ -43,7 +43,7 @@ class ModelConfig:
 class BuiltModel:
     spec: BaseSpec
     model: torch.nn.Module  # what gets trained: a PeftModel for lora, the classifier itself for full
-    classifier_config: object  # the transformers config of the classifier, with id2label/label2id set
+    classifier: torch.nn.Module  # the transformers classifier inside `model`; its config names the labels
     base_fingerprint: str | None
     model_type: str
     trainable_params: int
@@ -62,7 +62,7 @@ def build_model(config: ModelConfig, labels: tuple[str, ...], *, with_fingerprin
     base_fingerprint = fingerprint(classifier) if with_fingerprint else None
     model_type = classifier.config.model_type
     if config.lora is None:
-        return BuiltModel(spec, classifier, classifier.config, base_fingerprint, model_type, all_params, all_params)
+        return BuiltModel(spec, classifier, classifier, base_fingerprint, model_type, all_params, all_params)
 
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -78,7 +78,7 @@ def build_model(config: ModelConfig, labels: tuple[str, ...], *, with_fingerprin
     if config.init_adapter is not None:
         load_lora_matrices(model, config.init_adapter, base_fingerprint)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return BuiltModel(spec, model, classifier.config, base_fingerprint, model_type, trainable, all_params)
+    return BuiltModel(spec, model, classifier, base_fingerprint, model_type, trainable, all_params)
 
 
 def load_lora_matrices(model: torch.nn.Module, adapter_dir: Path, base_fingerprint: str | None) -> None:

@@ -52,7 +52,7 @@ def write_random_adapter(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(output))
-    write_model_config(model.config, output)
+    write_model_config(model, output)
     files = [WEIGHTS_FILE, CONFIG_FILE, MODEL_CONFIG_FILE]
     for file_name in files:
         (output / file_name).chmod(0o644)  # safetensors writes 0600: a non-root server could not read it
