@@ -15,6 +15,8 @@ ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 
+LABEL org.opencontainers.image.title="loraswap"
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -28,12 +30,13 @@ WORKDIR /srv/loraswap
 # environment works the same on the official image and on a distribution's Python.
 RUN python3 -m venv /opt/venv \
     && pip install torch==2.13.0
-COPY pyproject.toml constraints.txt README.md ./
+# Only what resolves the dependencies: an edit to the README or the source does not reinstall them.
+COPY pyproject.toml constraints.txt ./
 RUN mkdir -p app training \
-    && touch app/__init__.py training/__init__.py \
+    && touch README.md app/__init__.py training/__init__.py \
     && pip install -c constraints.txt . \
     && pip uninstall -y loraswap \
-    && rm -rf app training build ./*.egg-info
+    && rm -rf README.md app training build ./*.egg-info
 
 COPY app ./app
 COPY training ./training

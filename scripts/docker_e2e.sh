@@ -202,6 +202,8 @@ build_image() {
   stop_wheels
   local bytes
   bytes=$(docker image inspect --format '{{.Size}}' "$IMAGE")
+  # The image this build replaced, now untagged, goes (its layers stay while the new image uses them).
+  docker image prune --force --filter "label=org.opencontainers.image.title=loraswap" >/dev/null
   passed "built $IMAGE in ${BUILD_S}s, $(awk -v b="$bytes" 'BEGIN { printf "%.2f GB", b / 1e9 }')"
 }
 
