@@ -5,6 +5,7 @@ batcher stand in for the engine: no model, no HTTP."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,9 +65,14 @@ class FakeBatcher:
         self.fail_with: ServiceError | None = None
 
     async def submit(self, premises, hypotheses, adapters):
-        self.calls.append((list(premises), list(hypotheses), list(adapters)))
-        if self.fail_with is not None:
+        if self.fail_with is not None:  # refused at admission, before the adapters are asked for
+            if inspect.iscoroutine(adapters):
+                adapters.close()
+            self.calls.append((list(premises), list(hypotheses), None))
             raise self.fail_with
+        if inspect.isawaitable(adapters):  # the per-pair adapters, resolved once admitted
+            adapters = await adapters
+        self.calls.append((list(premises), list(hypotheses), list(adapters)))
         return [probabilities(i, len(adapter.labels)) for i, adapter in enumerate(adapters)]
 
 
@@ -252,3 +258,32 @@ def test_an_unloaded_adapter_is_no_longer_served(service, registry, batcher):
     with pytest.raises(AdapterNotFound):
         classify(service, [PairInput("p", "h", "two")], "")
     assert batcher.calls == []
+
+
+def test_without_a_default_adapter_every_pair_must_name_one(registry, batcher):
+    service = NLIService(registry, batcher, default_adapter=None, max_text_chars=10, max_pairs_per_request=3)
+    with pytest.raises(ServiceError) as raised:
+        classify(service, [PairInput("p", "h", "two"), PairInput("p", "h"), PairInput("p", "h")])
+    assert raised.value.code == "invalid_input"
+    assert [(f["field"], f["type"]) for f in raised.value.details["fields"]] == [
+        ("pairs[1].adapter", "missing"),
+        ("pairs[2].adapter", "missing"),
+    ]
+    with pytest.raises(ServiceError) as single:
+        classify(service, [PairInput("p", "h")], "")
+    assert [(f["field"], f["type"]) for f in single.value.details["fields"]] == [("adapter", "missing")]
+    assert batcher.calls == []
+    assert [r.adapter for r in classify(service, [PairInput("p", "h", "two")])] == ["two"]
+
+
+def test_served_pairs_are_counted_on_the_weights_that_served_them(service, registry, batcher, tmp_path):
+    classify(service, [PairInput("a", "b", "two"), PairInput("c", "d"), PairInput("e", "f", "two")])
+    assert (registry.entry("two").served_pairs, registry.entry("three").served_pairs) == (2, 1)
+    batcher.fail_with = Overloaded("full")
+    with pytest.raises(Overloaded):
+        classify(service, [PairInput("a", "b", "two")])
+    assert registry.entry("two").served_pairs == 2  # a refused request served nothing
+    batcher.fail_with = None
+    registry.load("two", tmp_path / "two-v2")  # new weights start from zero
+    classify(service, [PairInput("a", "b", "two")])
+    assert registry.entry("two").served_pairs == 1
