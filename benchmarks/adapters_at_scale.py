@@ -188,7 +188,7 @@ def summarize_listing(listing: list[dict]) -> dict:
         "states": states,
         "pinned": sum(bool(a.get("pinned")) for a in listing),
         "loads": sum(int(a.get("loads") or 0) for a in listing),
-        "evictions": sum(int(a.get("evictions") or 0) for a in listing),
+        "host_evictions": sum(int(a.get("host_evictions") or 0) for a in listing),
         "requests": sum(int(a.get("requests") or 0) for a in listing),
     }
 
@@ -235,8 +235,10 @@ def share(part: float, whole: float) -> float | None:
 def tier_activity(scenario: Scenario, before: dict, after: dict, pairs: int) -> dict:
     """What the measured phase did to the tiers, from two probes.
 
-    loraswap: `disk_loads` (disk to host: GET /adapters `loads`, or /metrics where the listing has
-    none), `device_moves` (host to device: /metrics `loraswap_adapter_moves`). Hit rates per pair:
+    loraswap: `disk_loads` (disk to host: the sum of GET /adapters `loads`, or /metrics
+    `loraswap_adapter_loads` where the listing has none), `host_evictions` (GET /adapters),
+    `device_moves` and `device_evictions` (host to device and out: /metrics `loraswap_adapter_moves`,
+    `loraswap_adapter_evictions`). Hit rates per pair:
     device = 1 - device moves / pairs; host = the share of device misses found in host memory,
     1 - disk loads / device moves. A load that serves several pairs of one batch counts once, so
     these are the pairs that did not wait for a load. The baseline has one tier (PeftModel, LRU).
@@ -253,17 +255,20 @@ def tier_activity(scenario: Scenario, before: dict, after: dict, pairs: int) -> 
             "loaded_at_end": len(after["stats"]["loaded"]),
         }
     m0, m1 = before["metrics"], after["metrics"]
-    moves = metric_total(m1, "loraswap_adapter_moves") - metric_total(m0, "loraswap_adapter_moves")
+
+    def counted(name: str, **labels: str) -> int:
+        return int(metric_total(m1, name, **labels) - metric_total(m0, name, **labels))
+
+    moves = counted("loraswap_adapter_moves")
     disk_loads = after["listing"]["loads"] - before["listing"]["loads"]
-    if not after["listing"]["loads"]:  # a listing without per-adapter loads: the tiered load counter
-        disk_loads = metric_total(m1, "loraswap_adapter_loads", tier="host") - metric_total(
-            m0, "loraswap_adapter_loads", tier="host"
-        )
+    if not after["listing"]["loads"]:  # a server without per-adapter loads (before the tiers)
+        disk_loads = counted("loraswap_adapter_loads", outcome="ok")
     deltas = {k: round(v - m0.get(k, 0.0), 3) for k, v in m1.items() if v - m0.get(k, 0.0)}
     return {
-        "disk_loads": int(disk_loads),
-        "device_moves": int(moves),
-        "evictions": after["listing"]["evictions"] - before["listing"]["evictions"],
+        "disk_loads": disk_loads,
+        "host_evictions": after["listing"]["host_evictions"] - before["listing"]["host_evictions"],
+        "device_moves": moves,
+        "device_evictions": counted("loraswap_adapter_evictions"),
         "device_hit_rate": share(pairs - moves, pairs),
         "host_hit_rate": share(moves - disk_loads, moves),
         "tiers_at_end": after["listing"]["tiers"],

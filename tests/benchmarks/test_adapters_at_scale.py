@@ -119,7 +119,7 @@ loraswap_batch_size_count 9.0
 def listing(tiers: list[str], loads: list[int]) -> list[dict]:
     return [
         {"name": f"a{i}", "state": "ready" if tier != "disk" else "known", "tier": tier, "pinned": i == 0,
-         "loads": n, "evictions": max(0, n - 1), "requests": 5 * n}
+         "loads": n, "host_evictions": max(0, n - 1), "requests": 5 * n}
         for i, (tier, n) in enumerate(zip(tiers, loads))
     ]
 
@@ -136,6 +136,7 @@ def test_tier_activity_from_two_probes_of_a_tiered_server():
     assert after["listing"]["tiers"] == {"disk": 1, "host": 1, "device": 1} and after["listing"]["pinned"] == 1
     activity = tier_activity(loraswap_scenario(), before, after, pairs=200)
     assert (activity["disk_loads"], activity["device_moves"]) == (29, 40)
+    assert (activity["host_evictions"], activity["device_evictions"]) == (28, 28)
     assert activity["device_hit_rate"] == pytest.approx(1 - 40 / 200)
     assert activity["host_hit_rate"] == pytest.approx(1 - 29 / 40, abs=1e-4)
     assert activity["metrics_delta"] == {
@@ -157,7 +158,8 @@ def fake_measurement(system: str, pairs_s: float, *, rss_mb: int, loads: int = 0
                         latencies_ms=[float(i) for i in range(1, 21)])
     activity = ({"loads": loads, "evictions": loads, "hit_rate": 0.5, "load_ms_mean": 25.0, "loaded_at_end": 25}
                 if system == "peft_lru" else
-                {"disk_loads": loads, "device_moves": loads, "evictions": 0, "device_hit_rate": 0.5,
+                {"disk_loads": loads, "device_moves": loads, "host_evictions": 0, "device_evictions": 0,
+                 "device_hit_rate": 0.5,
                  "host_hit_rate": 0.0, "tiers_at_end": {}, "states_at_end": {}, "metrics_delta": {},
                  "batch_sizes": None})
     return {**result.summary(), "warmup_errors": 0, "warmup_errors_by_kind": {}, "rounds_pairs_s": [pairs_s],
