@@ -1,5 +1,6 @@
 """CLI that fine-tunes a sentence-pair NLI classifier (LoRA adapter + head, or the full model) and writes a
-servable artifact: flags, then data (nli_data) -> model (nli_model) -> training (nli_trainer) -> artifact (nli_artifact)."""
+servable artifact: the flags, then data (nli_data) -> model (nli_model) -> training (nli_trainer)
+-> artifact (nli_artifact)."""
 
 from __future__ import annotations
 

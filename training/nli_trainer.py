@@ -68,7 +68,9 @@ class History:
     pending_train_loss: float | None = None
 
 
-def make_trainer(settings: TrainSettings, model: torch.nn.Module, tokenizer, train_set: PairDataset, eval_set: PairDataset):
+def make_trainer(
+    settings: TrainSettings, model: torch.nn.Module, tokenizer, train_set: PairDataset, eval_set: PairDataset
+):
     """A Trainer that evaluates every `eval_every` steps and at the last step, checkpoints nothing,
     and fills the returned History with the training table."""
     from transformers import (
@@ -171,7 +173,8 @@ def evaluate_fp32(model: torch.nn.Module, dataset: PairDataset, collator, batch_
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
             batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()  # [batch, labels]
+            inputs = {key: value for key, value in batch.items() if key != "labels"}
+            logits = model(**inputs).logits.float()  # [batch, labels]
             total_loss += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             seen += batch["labels"].numel()
