@@ -139,7 +139,9 @@ def test_adapter_trained_on_another_base_is_refused(client, root, roberta_adapte
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "adapter_invalid"
     assert "base" in response.json()["error"]["message"]
-    assert client.get("/adapters/foreign").status_code == 404
+    record = client.get("/adapters/foreign").json()  # the refusal is on record, and nothing serves
+    assert record["state"] == "failed" and record["error"]
+    assert nli(client, "foreign").status_code == 404
     assert nli(client).status_code == 200
 
 
