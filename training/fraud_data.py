@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.inference.fraud_scorer import INPUT_FIELDS, file_sha256
+from app.artifacts import sha256_hex
+from app.inference.fraud_scorer import INPUT_FIELDS
 
 LABEL_COLUMN = "Class"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -77,7 +78,7 @@ def load_transactions(path: Path) -> Transactions:
     labels = table[:, -1]
     if not np.isin(labels, (0.0, 1.0)).all():
         raise FraudDataError(f"{path}: Class must be 0 or 1")
-    return Transactions(X=table[:, :-1], y=labels.astype(np.int64), path=path, sha256=file_sha256(path))
+    return Transactions(X=table[:, :-1], y=labels.astype(np.int64), path=path, sha256=sha256_hex(path))
 
 
 def _open_text(path: Path, gzipped: bool) -> io.TextIOBase:

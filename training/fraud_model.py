@@ -1,28 +1,33 @@
-"""Fits and evaluates the fraud MLP: the split, resampling inside the pipeline, threshold, metrics, leaky protocol."""
+"""Fits and evaluates the fraud MLP: the split, the early-stopped MLP ensemble, threshold, metrics, leaky protocol."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from imblearn.over_sampling import ADASYN, SMOTE
-from imblearn.pipeline import Pipeline as ImbPipeline
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import VotingClassifier
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import LabelEncoder, StandardScaler
 
 from app.inference.fraud_scorer import INPUT_FIELDS, prior_shift
 
 logger = logging.getLogger(__name__)
 
 Resample = Literal["none", "adasyn", "smote"]
+Balance = Literal["none", "class_weight", "balanced_batches"]
+SplitKind = Literal["stratified", "time"]
 ThresholdRule = Literal["best_f1", "target_recall", "target_precision"]
 RESAMPLERS: tuple[str, ...] = ("none", "adasyn", "smote")
+BALANCES: tuple[str, ...] = ("none", "class_weight", "balanced_batches")
+SPLITS: tuple[str, ...] = ("stratified", "time")
 # The real rate of Kaggle's mlg-ulb creditcard.csv: 492 frauds in 284,807 transactions.
 REAL_FRAUD_PRIOR = 492 / 284_807
 
@@ -35,12 +40,16 @@ class FraudTrainingError(ValueError):
 class TrainConfig:
     features: tuple[str, ...] = tuple(name for name in INPUT_FIELDS if name != "Time")
     resample: Resample = "none"
+    balance: Balance = "none"
     hidden_sizes: tuple[int, ...] = (64, 32)
     learning_rate: float = 1e-3
-    alpha: float = 1e-4
+    alpha: float = 1e-2
+    members: int = 5
     max_iter: int = 200
     early_stopping: bool = True
+    patience: int = 10
     seed: int = 42
+    split: SplitKind = "stratified"
     test_fraction: float = 0.2
     val_fraction_of_rest: float = 0.25
     threshold_rule: ThresholdRule = "best_f1"
@@ -50,7 +59,7 @@ class TrainConfig:
 
 @dataclass
 class Split:
-    """Row indices into the data set; the three parts are disjoint and stratified by label."""
+    """Row indices into the data set; the three parts are disjoint and each holds both classes."""
 
     train: np.ndarray
     val: np.ndarray
@@ -62,7 +71,8 @@ class Split:
 
 @dataclass
 class RunResult:
-    """One fitted pipeline and what it scored. `train_prior` is the positive rate the MLP saw (after resampling)."""
+    """One fitted pipeline and what it scored. `train_prior` is the positive rate the MLP saw (after resampling
+    or reweighting)."""
 
     config: TrainConfig
     protocol: Literal["clean", "paper"]
@@ -91,6 +101,28 @@ def stratified_split(y: np.ndarray, config: TrainConfig) -> Split:
     return Split(train=train, val=val, test=test)
 
 
+def time_split(time: np.ndarray, y: np.ndarray, config: TrainConfig) -> Split:
+    """Time-ordered: the earliest rows train, the next validate, the latest test (same fractions as the
+    stratified split), so the model is always measured on transactions later than any it learnt from."""
+    order = np.argsort(time, kind="stable")
+    n = len(order)
+    test_start = n - int(round(n * config.test_fraction))
+    val_start = test_start - int(round(test_start * config.val_fraction_of_rest))
+    split = Split(train=order[:val_start], val=order[val_start:test_start], test=order[test_start:])
+    for name in ("train", "val", "test"):
+        frauds = int(y[getattr(split, name)].sum())
+        if not 0 < frauds < len(getattr(split, name)):
+            raise FraudTrainingError(f"time-ordered split: the {name} part holds {frauds} frauds; it needs both classes")
+    return split
+
+
+def split_rows(X: np.ndarray, y: np.ndarray, config: TrainConfig) -> Split:
+    """X has every INPUT_FIELDS column (Time included, whether or not the model uses it)."""
+    if config.split == "time":
+        return time_split(X[:, INPUT_FIELDS.index("Time")], y, config)
+    return stratified_split(y, config)
+
+
 def build_sampler(resample: Resample, seed: int) -> ADASYN | SMOTE | None:
     if resample == "adasyn":
         return ADASYN(random_state=seed)
@@ -99,41 +131,166 @@ def build_sampler(resample: Resample, seed: int) -> ADASYN | SMOTE | None:
     return None
 
 
-def build_pipeline(config: TrainConfig) -> ImbPipeline:
-    """Scaler -> sampler -> MLP. imblearn runs samplers in fit only, so validation and test rows are never resampled."""
-    steps: list[tuple[str, Any]] = [("scaler", StandardScaler())]
-    sampler = build_sampler(config.resample, config.seed)
-    if sampler is not None:
-        steps.append(("sampler", sampler))
-    steps.append(
-        (
-            "mlp",
-            MLPClassifier(
-                hidden_layer_sizes=config.hidden_sizes,
-                solver="adam",  # minimises log-loss, i.e. binary cross-entropy for two classes
-                learning_rate_init=config.learning_rate,
-                alpha=config.alpha,
-                max_iter=config.max_iter,
-                early_stopping=config.early_stopping,
-                random_state=config.seed,
-            ),
+class EarlyStoppedMLPs(ClassifierMixin, BaseEstimator):
+    """`members` scikit-learn MLPs (Adam, log-loss = binary cross-entropy), each trained epoch by epoch and kept at
+    the epoch with the best AUPRC on its own stratified hold-out of the rows given to fit; predict_proba averages them.
+
+    Members differ by seed (initial weights, batch order, hold-out rows). Oversampling (`resample`) touches a
+    member's training rows only, never its hold-out; `balance` reweights (class_weight) or rebuilds each epoch
+    with the frauds drawn up to the normals' count (balanced_batches). `train_prior_` is the positive rate the
+    members were fitted at, which the prior-shift calibration needs.
+    """
+
+    def __init__(
+        self,
+        hidden_sizes: tuple[int, ...] = (64, 32),
+        alpha: float = 1e-4,
+        learning_rate: float = 1e-3,
+        members: int = 1,
+        resample: Resample = "none",
+        balance: Balance = "none",
+        max_iter: int = 200,
+        early_stopping: bool = True,
+        patience: int = 10,
+        holdout_fraction: float = 0.15,
+        batch_size: int = 200,
+        seed: int = 42,
+    ):
+        self.hidden_sizes = hidden_sizes
+        self.alpha = alpha
+        self.learning_rate = learning_rate
+        self.members = members
+        self.resample = resample
+        self.balance = balance
+        self.max_iter = max_iter
+        self.early_stopping = early_stopping
+        self.patience = patience
+        self.holdout_fraction = holdout_fraction
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> EarlyStoppedMLPs:
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y).astype(np.int64)
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = X.shape[1]
+        self.members_: list[MLPClassifier] = []
+        self.history_: list[dict[str, list[float]]] = []
+        self.best_epochs_: list[int] = []
+        priors = []
+        for member in range(self.members):
+            mlp, prior, history, best_epoch = self._fit_member(X, y, self.seed + member)
+            self.members_.append(mlp)
+            priors.append(prior)
+            self.history_.append(history)
+            self.best_epochs_.append(best_epoch)
+        self.train_prior_ = float(np.mean(priors))
+        return self
+
+    def _fit_member(self, X: np.ndarray, y: np.ndarray, seed: int) -> tuple[MLPClassifier, float, dict[str, list[float]], int]:
+        rows = np.arange(len(y))
+        if self.early_stopping:
+            fit_rows, holdout = train_test_split(rows, test_size=self.holdout_fraction, stratify=y, random_state=seed)
+        else:
+            fit_rows, holdout = rows, rows[:0]
+        X_fit, y_fit = X[fit_rows], y[fit_rows]
+        sampler = build_sampler(self.resample, seed)
+        if sampler is not None:
+            X_fit, y_fit = sampler.fit_resample(X_fit, y_fit)
+        weights = None
+        prior = float(y_fit.mean())
+        if self.balance == "class_weight":
+            weights = np.where(y_fit == 1, 0.5 / prior, 0.5 / (1.0 - prior))
+            prior = 0.5
+        elif self.balance == "balanced_batches":
+            prior = 0.5
+        mlp = MLPClassifier(
+            hidden_layer_sizes=self.hidden_sizes,
+            solver="adam",  # minimises log-loss, i.e. binary cross-entropy for two classes
+            learning_rate_init=self.learning_rate,
+            alpha=self.alpha,
+            batch_size=min(self.batch_size, len(y_fit)),
+            random_state=seed,
         )
+        rng = np.random.default_rng(seed)
+        frauds, normals = np.flatnonzero(y_fit == 1), np.flatnonzero(y_fit == 0)
+        history: dict[str, list[float]] = {"loss": [], "holdout_auprc": []}
+        best_auprc, best_state, best_epoch, waited = -1.0, None, 0, 0
+        for epoch in range(1, self.max_iter + 1):
+            if self.balance == "balanced_batches":
+                epoch_rows = np.concatenate([normals, rng.choice(frauds, size=len(normals), replace=True)])
+                mlp.partial_fit(X_fit[epoch_rows], y_fit[epoch_rows], classes=self.classes_)
+            else:
+                mlp.partial_fit(X_fit, y_fit, sample_weight=weights, classes=self.classes_)
+            history["loss"].append(float(mlp.loss_))
+            if not self.early_stopping:
+                best_epoch = epoch
+                continue
+            auprc = float(average_precision_score(y[holdout], mlp.predict_proba(X[holdout])[:, 1]))
+            history["holdout_auprc"].append(auprc)
+            if auprc > best_auprc + 1e-4:
+                best_auprc, best_epoch, waited = auprc, epoch, 0
+                best_state = (copy.deepcopy(mlp.coefs_), copy.deepcopy(mlp.intercepts_))
+            else:
+                waited += 1
+                if waited >= self.patience:
+                    break
+        if best_state is not None:
+            mlp.coefs_, mlp.intercepts_ = best_state
+        return mlp, prior, history, best_epoch
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return np.mean([member.predict_proba(X) for member in self.members_], axis=0)  # [rows, 2]
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+def build_pipeline(config: TrainConfig) -> Pipeline:
+    """Scaler -> MLP ensemble. Any oversampling happens inside the ensemble's fit, on its training rows only."""
+    return Pipeline(
+        [
+            ("scaler", StandardScaler()),
+            (
+                "mlp",
+                EarlyStoppedMLPs(
+                    hidden_sizes=config.hidden_sizes,
+                    alpha=config.alpha,
+                    learning_rate=config.learning_rate,
+                    members=config.members,
+                    resample=config.resample,
+                    balance=config.balance,
+                    max_iter=config.max_iter,
+                    early_stopping=config.early_stopping,
+                    patience=config.patience,
+                    seed=config.seed,
+                ),
+            ),
+        ]
     )
-    return ImbPipeline(steps)
 
 
-def serving_pipeline(fitted: ImbPipeline) -> Pipeline:
-    """The fitted pipeline without its sampler: identical at predict time, and it drops the sampler's
-    fitted neighbour index, which holds real training frauds that have no business in a shipped artifact."""
-    return Pipeline([(name, step) for name, step in fitted.steps if not hasattr(step, "fit_resample")])
+def serving_pipeline(fitted: Pipeline) -> Pipeline:
+    """The fitted pipeline in plain scikit-learn types that skops loads without trusting any extra type: the
+    scaler and a soft VotingClassifier over the fitted MLPs (the same average). Each MLP drops its Adam state,
+    which only further training needs."""
+    members = []
+    for mlp in fitted.named_steps["mlp"].members_:
+        served = copy.deepcopy(mlp)
+        for attribute in ("_optimizer", "_best_coefs", "_best_intercepts", "_no_improvement_count"):
+            if hasattr(served, attribute):
+                delattr(served, attribute)
+        members.append(served)
+    voting = VotingClassifier([(f"mlp{i}", member) for i, member in enumerate(members)], voting="soft")
+    # Fitted by hand: VotingClassifier.fit would refit the members from scratch without the AUPRC early stopping.
+    voting.estimators_ = members
+    voting.le_ = LabelEncoder().fit([0, 1])
+    voting.classes_ = voting.le_.classes_
+    return Pipeline([("scaler", fitted.named_steps["scaler"]), ("mlp", voting)])
 
 
-def effective_train_prior(pipeline: ImbPipeline, X_train: np.ndarray, y_train: np.ndarray) -> float:
-    """Positive rate the classifier was fitted at: the sampler rerun on the same rows with the same seed."""
-    if "sampler" not in pipeline.named_steps:
-        return float(y_train.mean())
-    _, y_resampled = clone(pipeline[:-1]).fit_resample(X_train, y_train)
-    return float(np.mean(y_resampled))
+def effective_train_prior(pipeline: Pipeline) -> float:
+    """Positive rate the MLPs were fitted at (after resampling or reweighting)."""
+    return float(pipeline.named_steps["mlp"].train_prior_)
 
 
 def choose_threshold(y: np.ndarray, p: np.ndarray, rule: ThresholdRule, target: float | None = None) -> float:
@@ -198,7 +355,7 @@ def _fit_and_score(
     pipeline = build_pipeline(config)
     try:
         pipeline.fit(X_train, y_train)
-        train_prior = effective_train_prior(pipeline, X_train, y_train)
+        train_prior = effective_train_prior(pipeline)
     except (ValueError, RuntimeError) as exc:  # e.g. ADASYN finding no minority neighbours to interpolate
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FraudTrainingError(f"fitting with resample={config.resample} failed: {first_line}") from exc
@@ -245,7 +402,7 @@ def run_clean(X: np.ndarray, y: np.ndarray, config: TrainConfig) -> RunResult:
     """Split first; the pipeline resamples inside fit, so only training rows are ever oversampled.
     Train metrics are measured on the original training rows, not the resampled ones."""
     columns = [INPUT_FIELDS.index(name) for name in config.features]
-    parts = stratified_split(y, config).parts(X[:, columns], y)
+    parts = split_rows(X, y, config).parts(X[:, columns], y)
     return _fit_and_score(config, "clean", parts)
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
-import joblib
 import numpy as np
+import skops.io
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.artifacts import sha256_hex
 
 logger = logging.getLogger(__name__)
 
@@ -21,16 +22,21 @@ MANIFEST_FILE = "manifest.json"
 PRIOR_SHIFT_METHOD = "prior_shift_dal_pozzolo_2015"
 
 
+# Types the artifact may hold beyond skops' defaults (scikit-learn estimators, NumPy arrays): none.
+TRUSTED_TYPES: list[str] = []
+
+FraudModelErrorCode = Literal[
+    "missing", "invalid_manifest", "size_mismatch", "checksum_mismatch", "unloadable", "wrong_model"
+]
+
+
 class FraudModelError(Exception):
-    """The fraud model directory cannot be served: missing, malformed, or not what its manifest declares."""
+    """The fraud model directory cannot be served: missing, malformed, or not what its manifest declares.
+    `code` says which, for callers and tests; the message says it to a person."""
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def __init__(self, message: str, code: FraudModelErrorCode):
+        super().__init__(message)
+        self.code: FraudModelErrorCode = code
 
 
 def prior_shift(probabilities: Any, train_prior: float, target_prior: float) -> np.ndarray:
@@ -93,8 +99,9 @@ class FraudManifest(BaseModel):
 class FraudScorer:
     """A fitted scikit-learn pipeline and the manifest it was written with.
 
-    Invariant: the pipeline was unpickled only after the artifact's bytes matched the manifest's
-    sha256, and it takes exactly `features` columns. Read-only after load, so safe across threads.
+    Invariant: the pipeline was read (with skops, allow-listed types only) only after the artifact's bytes
+    matched the manifest's sha256, and it takes exactly `features` columns. Read-only after load, so safe
+    across threads.
     """
 
     def __init__(self, pipeline: Any, manifest: FraudManifest):
@@ -116,24 +123,30 @@ class FraudScorer:
         manifest = _read_manifest(model_dir)
         artifact = model_dir / manifest.artifact.file
         if not artifact.is_file():
-            raise FraudModelError(f"artifact {artifact} named by the manifest is missing")
-        # Checked before unpickling: joblib files can run code, so only the declared bytes are opened.
+            raise FraudModelError(f"artifact {artifact} named by the manifest is missing", "missing")
+        # Checked before the artifact is parsed at all: only the bytes the manifest declares are opened.
         size = artifact.stat().st_size
         if size != manifest.artifact.bytes:
             raise FraudModelError(
-                f"artifact {artifact} is {size} bytes, the manifest declares {manifest.artifact.bytes} (truncated or replaced)"
+                f"artifact {artifact} is {size} bytes, the manifest declares {manifest.artifact.bytes} (truncated or replaced)",
+                "size_mismatch",
             )
-        digest = file_sha256(artifact)
+        digest = sha256_hex(artifact)
         if digest != manifest.artifact.sha256:
             raise FraudModelError(
                 f"artifact {artifact} sha256 {digest[:12]}... does not match the manifest's "
-                f"{manifest.artifact.sha256[:12]}... (tampered or replaced)"
+                f"{manifest.artifact.sha256[:12]}... (tampered or replaced)",
+                "checksum_mismatch",
             )
         _warn_on_version_drift(manifest.library_versions)
         try:
-            pipeline = joblib.load(artifact)
-        except Exception as exc:  # a verified file that still fails to unpickle: wrong library versions
-            raise FraudModelError(f"artifact {artifact} could not be loaded: {type(exc).__name__}: {exc}") from exc
+            # skops rebuilds only allow-listed types and never unpickles, so even a file that matches a rewritten
+            # manifest cannot run code here; anything outside the allow-list is refused.
+            pipeline = skops.io.load(artifact, trusted=TRUSTED_TYPES)
+        except Exception as exc:  # not a skops file, an untrusted type, or library versions that cannot read it
+            raise FraudModelError(
+                f"artifact {artifact} could not be loaded: {type(exc).__name__}: {str(exc)[:300]}", "unloadable"
+            ) from exc
         _check_pipeline(pipeline, manifest)
         return cls(pipeline, manifest)
 
@@ -151,25 +164,27 @@ class FraudScorer:
 def _read_manifest(model_dir: Path) -> FraudManifest:
     path = model_dir / MANIFEST_FILE
     if not model_dir.is_dir():
-        raise FraudModelError(f"model directory {model_dir} does not exist")
+        raise FraudModelError(f"model directory {model_dir} does not exist", "missing")
     if not path.is_file():
-        raise FraudModelError(f"{path} is missing")
+        raise FraudModelError(f"{path} is missing", "missing")
     try:
         return FraudManifest.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "manifest"
-        raise FraudModelError(f"{path} is invalid: {where}: {first['msg']}") from exc
+        raise FraudModelError(f"{path} is invalid: {where}: {first['msg']}", "invalid_manifest") from exc
 
 
 def _check_pipeline(pipeline: Any, manifest: FraudManifest) -> None:
     if not hasattr(pipeline, "predict_proba") or not hasattr(pipeline, "classes_"):
-        raise FraudModelError("artifact is not a fitted classifier with predict_proba")
+        raise FraudModelError("artifact is not a fitted classifier with predict_proba", "wrong_model")
     if sorted(np.asarray(pipeline.classes_).tolist()) != [0, 1]:
-        raise FraudModelError(f"artifact classes are {list(pipeline.classes_)}, expected [0, 1]")
+        raise FraudModelError(f"artifact classes are {list(pipeline.classes_)}, expected [0, 1]", "wrong_model")
     n_in = getattr(pipeline, "n_features_in_", None)
     if n_in != len(manifest.features):
-        raise FraudModelError(f"artifact takes {n_in} features, the manifest lists {len(manifest.features)}")
+        raise FraudModelError(
+            f"artifact takes {n_in} features, the manifest lists {len(manifest.features)}", "wrong_model"
+        )
 
 
 def _warn_on_version_drift(trained_with: Mapping[str, str]) -> None:

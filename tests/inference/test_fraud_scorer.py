@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
+import skops.io
 
+from app.artifacts import sha256_hex
 from app.inference import fraud_scorer
-from app.inference.fraud_scorer import INPUT_FIELDS, FraudModelError, FraudScorer, file_sha256, prior_shift
+from app.inference.fraud_scorer import INPUT_FIELDS, FraudModelError, FraudScorer, prior_shift
 from training.fraud_data import load_transactions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +81,7 @@ def test_shipped_model_loads_with_what_its_manifest_declares(scorer):
 
 
 def test_score_equals_pipeline_then_prior_shift(scorer, rows):
-    pipeline = joblib.load(SHIPPED / scorer.manifest.artifact.file)
+    pipeline = skops.io.load(SHIPPED / scorer.manifest.artifact.file)
     matrix = np.array([[row[name] for name in scorer.features] for row in rows])
     raw = pipeline.predict_proba(matrix)[:, 1]
     calibration = scorer.manifest.calibration
@@ -106,20 +110,46 @@ def test_scores_separate_frauds_from_normals(scorer):
 # --- broken model directories ------------------------------------------------------------------
 
 
+class WritesMarker:
+    """Unpickling this runs `Path.write_text(marker, ...)`: proof that a load executed code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran at load"))
+
+
+def _artifact(directory: Path) -> Path:
+    return directory / json.loads((directory / "manifest.json").read_text())["artifact"]["file"]
+
+
 def _flip_byte(directory: Path) -> None:
-    artifact = directory / "pipeline.joblib"
+    artifact = _artifact(directory)
     blob = bytearray(artifact.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     artifact.write_bytes(bytes(blob))
 
 
 def _truncate(directory: Path) -> None:
-    artifact = directory / "pipeline.joblib"
+    artifact = _artifact(directory)
     artifact.write_bytes(artifact.read_bytes()[:-100])
 
 
-def _replace_artifact_keeping_manifest(directory: Path) -> None:
-    joblib.dump({"not": "a pipeline"}, directory / "pipeline.joblib")
+def _malicious_pickle(directory: Path) -> None:
+    """The artifact replaced by a pickle that writes a marker file when unpickled; the manifest is left alone."""
+    _artifact(directory).write_bytes(pickle.dumps(WritesMarker(directory / "marker")))
+
+
+def _malicious_pickle_resigned(directory: Path) -> None:
+    """The same pickle with the manifest rewritten to match it: the sha256 passes, the loader still must not run it."""
+    _malicious_pickle(directory)
+    _resign(directory)
+
+
+def _resign(directory: Path) -> None:
+    artifact = _artifact(directory)
+    _edit_manifest(artifact__sha256=sha256_hex(artifact), artifact__bytes=artifact.stat().st_size)(directory)
 
 
 def _edit_manifest(**changes):
@@ -143,50 +173,83 @@ def _edit_manifest(**changes):
 _DELETE = object()
 
 
-def _resign_artifact(directory: Path) -> None:
-    """A different valid pickle with a manifest updated to match: the sha passes, the shape checks must not."""
-    joblib.dump({"not": "a pipeline"}, directory / "pipeline.joblib")
-    _edit_manifest(
-        artifact__sha256=file_sha256(directory / "pipeline.joblib"),
-        artifact__bytes=(directory / "pipeline.joblib").stat().st_size,
-    )(directory)
+def _skops_of(obj) -> Callable[[Path], None]:
+    """A well-formed skops file holding `obj`, with a manifest updated to match."""
+
+    def write(directory: Path) -> None:
+        skops.io.dump(obj, _artifact(directory))
+        _resign(directory)
+
+    return write
 
 
 BROKEN = [
-    ("missing directory", lambda d: shutil.rmtree(d), "does not exist"),
-    ("missing manifest", lambda d: (d / "manifest.json").unlink(), "manifest.json"),
-    ("manifest not JSON", lambda d: (d / "manifest.json").write_text("{not json"), "invalid"),
-    ("manifest lacks threshold", _edit_manifest(threshold=_DELETE), "threshold"),
-    ("unknown calibration method", _edit_manifest(calibration__method="platt"), "calibration"),
-    ("unknown feature", _edit_manifest(features=["V1", "Bogus"]), "features"),
-    ("artifact path escapes the directory", _edit_manifest(artifact__file="../pipeline.joblib"), "artifact"),
-    ("missing artifact", lambda d: (d / "pipeline.joblib").unlink(), "missing"),
-    ("truncated artifact", _truncate, "bytes"),
-    ("one byte flipped", _flip_byte, "sha256"),
-    ("artifact replaced, same size or not", _replace_artifact_keeping_manifest, "artifact"),
-    ("manifest sha256 edited", _edit_manifest(artifact__sha256="0" * 64), "sha256"),
-    ("feature count disagrees with the artifact", _edit_manifest(features=["V1", "V2"]), "features"),
-    ("valid pickle that is not a classifier", _resign_artifact, "classifier"),
+    ("missing directory", lambda d: shutil.rmtree(d), "missing"),
+    ("missing manifest", lambda d: (d / "manifest.json").unlink(), "missing"),
+    ("manifest not JSON", lambda d: (d / "manifest.json").write_text("{not json"), "invalid_manifest"),
+    ("manifest lacks threshold", _edit_manifest(threshold=_DELETE), "invalid_manifest"),
+    ("unknown calibration method", _edit_manifest(calibration__method="platt"), "invalid_manifest"),
+    ("unknown feature", _edit_manifest(features=["V1", "Bogus"]), "invalid_manifest"),
+    ("artifact path escapes the directory", _edit_manifest(artifact__file="../pipeline.skops"), "invalid_manifest"),
+    ("missing artifact", lambda d: _artifact(d).unlink(), "missing"),
+    ("truncated artifact", _truncate, "size_mismatch"),
+    ("one byte flipped", _flip_byte, "checksum_mismatch"),
+    ("malicious pickle, manifest untouched", _malicious_pickle, "size_mismatch"),
+    ("malicious pickle, manifest rewritten to match", _malicious_pickle_resigned, "unloadable"),
+    ("manifest sha256 edited", _edit_manifest(artifact__sha256="0" * 64), "checksum_mismatch"),
+    ("feature count disagrees with the artifact", _edit_manifest(features=["V1", "V2"]), "wrong_model"),
+    ("valid skops file that is not a classifier", _skops_of({"not": "a pipeline"}), "wrong_model"),
+    ("skops file with a type outside the allow-list", _skops_of(Counter(a=1)), "unloadable"),
 ]
 
 
-@pytest.mark.parametrize("breaker, reason", [(b, r) for _, b, r in BROKEN], ids=[name for name, _, _ in BROKEN])
-def test_broken_model_dir_is_refused(tmp_path, breaker, reason):
+@pytest.mark.parametrize("breaker, code", [(b, c) for _, b, c in BROKEN], ids=[name for name, _, _ in BROKEN])
+def test_broken_model_dir_is_refused(tmp_path, breaker, code):
     directory = tmp_path / "fraud"
     shutil.copytree(SHIPPED, directory)
     breaker(directory)
     with pytest.raises(FraudModelError) as excinfo:
         FraudScorer.load(directory)
-    assert reason in str(excinfo.value)
+    assert excinfo.value.code == code
 
 
-@pytest.mark.parametrize("breaker", [_flip_byte, _truncate, _replace_artifact_keeping_manifest], ids=["flipped", "truncated", "replaced"])
-def test_tampered_artifact_is_never_unpickled(tmp_path, monkeypatch, breaker):
+def test_malicious_pickle_of_the_same_size_fails_the_checksum_and_never_runs(tmp_path):
+    directory = tmp_path / "fraud"
+    shutil.copytree(SHIPPED, directory)
+    artifact = _artifact(directory)
+    payload = pickle.dumps(WritesMarker(directory / "marker"))
+    # Padded to the declared size (pickle stops reading at its STOP opcode), so only the sha256 can catch it.
+    artifact.write_bytes(payload + b"\0" * (artifact.stat().st_size - len(payload)))
+    with pytest.raises(FraudModelError) as excinfo:
+        FraudScorer.load(directory)
+    assert excinfo.value.code == "checksum_mismatch"
+    assert not (directory / "marker").exists()
+
+
+def test_the_marker_payload_does_run_when_unpickled(tmp_path):
+    """The oracle for the tests above: the payload is live, so its marker's absence means the loader never ran it."""
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(WritesMarker(marker)))
+    assert marker.read_text() == "code ran at load"
+
+
+@pytest.mark.parametrize("breaker", [_malicious_pickle, _malicious_pickle_resigned], ids=["manifest untouched", "manifest rewritten"])
+def test_malicious_pickle_never_writes_its_marker(tmp_path, breaker):
+    directory = tmp_path / "fraud"
+    shutil.copytree(SHIPPED, directory)
+    breaker(directory)
+    with pytest.raises(FraudModelError):
+        FraudScorer.load(directory)
+    assert not (directory / "marker").exists()
+
+
+@pytest.mark.parametrize("breaker", [_flip_byte, _truncate, _malicious_pickle], ids=["flipped", "truncated", "replaced"])
+def test_tampered_artifact_is_never_parsed(tmp_path, monkeypatch, breaker):
     directory = tmp_path / "fraud"
     shutil.copytree(SHIPPED, directory)
     breaker(directory)
     calls = []
-    monkeypatch.setattr(fraud_scorer.joblib, "load", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(fraud_scorer.skops.io, "load", lambda *args, **kwargs: calls.append(args))
     with pytest.raises(FraudModelError):
         FraudScorer.load(directory)
     assert calls == []
