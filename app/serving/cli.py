@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -29,17 +30,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_level)
+    # Ray's C++ failure-signal handler turns SIGTERM into an abort in this (driver) process, before
+    # Serve can drain; it reads this switch when ray is imported, and workers keep theirs.
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
     import ray
     from ray import serve
+
+    os.environ.pop("RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
 
     from app.serving.ray_app import APP_NAME, build_app
 
     host = args.host or settings.host
     port = args.port or settings.port
     stop = threading.Event()
+    ray.init(include_dashboard=False)
+    # After ray.init, which installs a SIGTERM handler of its own: ours end the wait (also one that
+    # arrives while the app is still starting), then Serve drains and stops, then Ray.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    ray.init(include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(
@@ -54,8 +62,12 @@ def main(argv: list[str] | None = None) -> None:
             route_prefix="/",
         )
         logger.info("loraswap on Ray Serve: http://%s:%d with %d engine replicas", host, port, args.replicas)
-        stop.wait()
+        while not stop.wait(0.5):
+            pass
         logger.info("stopping: draining in-flight requests")
+    except SystemExit as exc:  # a handler of Ray's that still held the signal
+        if exc.code not in (signal.SIGTERM, signal.SIGINT):
+            raise
     finally:
         try:
             serve.shutdown()

@@ -11,6 +11,7 @@ import contextvars
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -258,7 +259,7 @@ class RemoteAdapterService(AdapterService):
 
 class FleetProbe:
     """Asks an engine replica every `period_s` for its readiness, base and adapter listing (and so
-    also spreads adapter changes to replicas between requests)."""
+    also spreads adapter changes to replicas between requests). `base` is what /info reports."""
 
     def __init__(self, client: EngineClient, adapters: RemoteAdapterService, *, period_s: float = 1.0):
         self._client = client
@@ -266,10 +267,11 @@ class FleetProbe:
         self._period_s = period_s
         self.base: SimpleNamespace | None = None
 
-    async def run(self) -> None:
+    async def run(self, on_probe: Callable[[], None]) -> None:
         while True:
-            await self.probe_once()
             await asyncio.sleep(self._period_s)
+            await self.probe_once()
+            on_probe()
 
     async def probe_once(self) -> None:
         as_of = self._client.versions.next_version() - 1

@@ -194,13 +194,10 @@ async def _ingress_lifespan(app: Any, *, engine: Any, options: dict[str, Any]) -
     app.state.runtime = runtime
     app.state.fleet_client = client
 
-    async def probing() -> None:
-        while True:
-            await asyncio.sleep(probe._period_s)
-            await probe.probe_once()
-            runtime.engine = probe.base  # type: ignore[assignment]
+    def show_base() -> None:
+        runtime.engine = probe.base  # type: ignore[assignment]
 
-    task = asyncio.create_task(probing())
+    task = asyncio.create_task(probe.run(show_base))
     try:
         yield
     finally:
