@@ -87,7 +87,7 @@ class EngineClient:
         self.attempts = attempts
         self.health = FleetHealth()
 
-    async def call(self, method: str, *args: Any, model_id: str = "") -> EngineReply:
+    async def call(self, method: str, *args: Any, model_id: str = "", timeout_s: float | None = None) -> EngineReply:
         import ray.exceptions
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
@@ -95,7 +95,7 @@ class EngineClient:
             raise NotReady("no engine replica is ready", retry_after_s=2)
         retriable = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError,
                      RequestCancelledError, asyncio.TimeoutError)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
         for attempt in range(1, self.attempts + 1):
             response = self._handle.options(method_name=method, multiplexed_model_id=model_id).remote(
                 *args, self.versions.snapshot()
@@ -243,7 +243,7 @@ class RemoteAdapterService(AdapterService):
             raise AdapterConflict(f"a change to adapter {name!r} is already in progress; retry")
         async with lock:
             versions = self._client.versions
-            stamped = AdapterChange(versions.next_version(), change.path, change.labels)
+            stamped = AdapterChange(versions.reserve(), change.path, change.labels)
             reply = await self._client.call("change", name, stamped)
             _record(reply)
             if reply.error is not None:
@@ -274,9 +274,10 @@ class FleetProbe:
             on_probe()
 
     async def probe_once(self) -> None:
-        as_of = self._client.versions.next_version() - 1
+        as_of = self._client.versions.committed
         try:
-            reply = await self._client.call("probe", model_id="")
+            # Short: a fleet with no replica is noticed within seconds, and requests then get 503 at once.
+            reply = await self._client.call("probe", model_id="", timeout_s=5.0)
         except ServiceError:
             return
         self._client.health.not_ready_reason = reply.not_ready

@@ -155,7 +155,9 @@ class EngineDeployment:
         return await service.load(name, change.path or "", list(change.labels) if change.labels else None)
 
     def __del__(self) -> None:
-        self.runtime.close()
+        runtime = getattr(self, "runtime", None)  # absent when __init__ failed
+        if runtime is not None:
+            runtime.close()
 
 
 def build_ingress_app(settings: Settings, engine: Any, options: dict[str, Any]):

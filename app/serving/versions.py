@@ -29,13 +29,17 @@ class AdapterVersions:
 
     def __init__(self) -> None:
         self._changes: dict[str, AdapterChange] = {}
-        self._last = 0
+        self._reserved = 0
+        self.committed = 0  # the newest version committed
 
-    def next_version(self) -> int:
-        return self._last + 1
+    def reserve(self) -> int:
+        """A version for a change about to be tried; one that fails leaves a harmless gap."""
+        self._reserved += 1
+        return self._reserved
 
     def commit(self, name: str, change: AdapterChange) -> None:
-        self._last = max(self._last, change.version)
+        self._reserved = max(self._reserved, change.version)
+        self.committed = max(self.committed, change.version)
         self._changes[name] = change
 
     def snapshot(self) -> dict[str, AdapterChange]:

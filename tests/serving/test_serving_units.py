@@ -19,17 +19,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_a_replica_applies_every_change_it_is_behind_on_in_version_order():
     versions = AdapterVersions()
-    versions.commit("a", AdapterChange(versions.next_version(), "/x/a1"))
-    versions.commit("b", AdapterChange(versions.next_version(), "/x/b1"))
-    versions.commit("a", AdapterChange(versions.next_version(), None))
+    versions.commit("a", AdapterChange(versions.reserve(), "/x/a1"))
+    versions.commit("b", AdapterChange(versions.reserve(), "/x/b1"))
+    versions.reserve()  # a change that failed: a gap, nothing to apply
+    versions.commit("a", AdapterChange(versions.reserve(), None))
     replica = AppliedVersions()
-    assert [(n, c.version, c.deleted) for n, c in replica.behind(versions.snapshot())] == [("b", 2, False), ("a", 3, True)]
+    assert [(n, c.version, c.deleted) for n, c in replica.behind(versions.snapshot())] == [("b", 2, False), ("a", 4, True)]
+    assert versions.committed == 4
     replica.applied("b", 2)
-    replica.applied("a", 3)
+    replica.applied("a", 4)
     assert replica.behind(versions.snapshot()) == []
-    versions.commit("a", AdapterChange(versions.next_version(), "/x/a2"))
-    assert [(n, c.version) for n, c in replica.behind(versions.snapshot())] == [("a", 4)]
-    assert replica.version_of("a") == 3
+    versions.commit("a", AdapterChange(versions.reserve(), "/x/a2"))
+    assert [(n, c.version) for n, c in replica.behind(versions.snapshot())] == [("a", 5)]
+    assert replica.version_of("a") == 4
 
 
 class _Clock:
