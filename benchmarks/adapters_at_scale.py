@@ -263,9 +263,12 @@ def tier_activity(scenario: Scenario, before: dict, after: dict, pairs: int) -> 
     disk_loads = after["listing"]["loads"] - before["listing"]["loads"]
     if not after["listing"]["loads"]:  # a server without per-adapter loads (before the tiers)
         disk_loads = counted("loraswap_adapter_loads", outcome="ok")
-    deltas = {k: round(v - m0.get(k, 0.0), 3) for k, v in m1.items() if v - m0.get(k, 0.0)}
+    deltas = {k: round(v - m0.get(k, 0.0), 3) for k, v in m1.items() if v - m0.get(k, 0.0) and "_bucket{" not in k}
+    load_s = metric_total(m1, "loraswap_adapter_load_seconds_sum") - metric_total(m0, "loraswap_adapter_load_seconds_sum")
+    timed_loads = counted("loraswap_adapter_load_seconds_count")
     return {
         "disk_loads": disk_loads,
+        "load_ms_mean": round(1000.0 * load_s / timed_loads, 2) if timed_loads else None,
         "host_evictions": after["listing"]["host_evictions"] - before["listing"]["host_evictions"],
         "device_moves": moves,
         "device_evictions": counted("loraswap_adapter_evictions"),

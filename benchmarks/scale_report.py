@@ -24,13 +24,15 @@ def _percent(value: float | None) -> str:
 
 
 def _tier_cells(scenario: dict) -> list[str]:
-    """Loads from disk, host-to-device moves, host hit rate, device hit rate. The PEFT server has one
-    tier (adapters loaded in the PeftModel): its loads and hit rate go in the disk and device columns."""
+    """Loads from disk, mean time of one, host-to-device moves, host and device hit rates. The PEFT
+    server has one tier (adapters loaded in the PeftModel): its loads (`load_adapter` time) and hit
+    rate go in the disk and device columns."""
     activity = scenario["tier_activity"]
+    load_ms = _fmt(activity.get("load_ms_mean"))
     if scenario["system"] == "peft_lru":
-        return [str(activity["loads"]), "", "", _percent(activity["hit_rate"])]
+        return [str(activity["loads"]), load_ms, "", "", _percent(activity["hit_rate"])]
     return [
-        str(activity["disk_loads"]), str(activity["device_moves"]),
+        str(activity["disk_loads"]), load_ms, str(activity["device_moves"]),
         _percent(activity["host_hit_rate"]), _percent(activity["device_hit_rate"]),
     ]
 
@@ -45,9 +47,9 @@ def markdown(results: dict) -> str:
         f"{results['torch_threads']}, Zipf alpha {results['zipf_alpha']:g}; `few` is loraswap with the 3 shipped "
         "adapters.",
         "",
-        "| scenario | pairs/s | p50 ms | p99 ms | errors | ready s | peak RSS MB | loads from disk | "
+        "| scenario | pairs/s | p50 ms | p99 ms | errors | ready s | peak RSS MB | loads from disk | ms per load | "
         "host to device | host hit | device hit | server CPU ms/pair |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in results["scenarios"].items():
         errors = s["errors"] + s["warmup_errors"]
@@ -71,8 +73,10 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "Errors count warm-up and measured requests. Hit rates per pair of the measured phase: device = 1 - "
-        "host-to-device moves / pairs; host = the share of device misses found in host memory. The PEFT "
-        "server's one tier (adapters loaded in its PeftModel) is in the device column.",
+        "host-to-device moves / pairs; host = the share of device misses found in host memory. Ms per load: "
+        "loraswap's read and validation of one adapter (its loader threads, /metrics), PEFT's `load_adapter` "
+        "(under its model lock). The PEFT server's one tier (adapters loaded in its PeftModel) is in the "
+        "device column.",
         "",
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores; load average "
         f"(1/5/15 min) {results['machine']['load_average_1_5_15']} before and "

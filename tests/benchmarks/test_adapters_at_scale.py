@@ -106,12 +106,18 @@ METRICS_BEFORE = """# TYPE loraswap_adapter_moves counter
 loraswap_adapter_moves 10.0
 loraswap_adapter_evictions 2.0
 loraswap_adapter_loads_total{outcome="ok"} 3.0
+loraswap_adapter_load_seconds_bucket{le="0.01"} 3.0
+loraswap_adapter_load_seconds_count 3.0
+loraswap_adapter_load_seconds_sum 0.03
 loraswap_batch_size_count 4.0
 """
 METRICS_AFTER = """# TYPE loraswap_adapter_moves counter
 loraswap_adapter_moves 50.0
 loraswap_adapter_evictions 30.0
 loraswap_adapter_loads_total{outcome="ok"} 33.0
+loraswap_adapter_load_seconds_bucket{le="0.01"} 13.0
+loraswap_adapter_load_seconds_count 33.0
+loraswap_adapter_load_seconds_sum 0.33
 loraswap_batch_size_count 9.0
 """
 
@@ -139,9 +145,11 @@ def test_tier_activity_from_two_probes_of_a_tiered_server():
     assert (activity["host_evictions"], activity["device_evictions"]) == (28, 28)
     assert activity["device_hit_rate"] == pytest.approx(1 - 40 / 200)
     assert activity["host_hit_rate"] == pytest.approx(1 - 29 / 40, abs=1e-4)
-    assert activity["metrics_delta"] == {
+    assert activity["load_ms_mean"] == pytest.approx(10.0)
+    assert activity["metrics_delta"] == {  # counters that moved; histogram buckets left out
         "loraswap_adapter_moves": 40.0, "loraswap_adapter_evictions": 28.0,
-        'loraswap_adapter_loads_total{outcome="ok"}': 30.0,
+        'loraswap_adapter_loads_total{outcome="ok"}': 30.0, "loraswap_adapter_load_seconds_count": 30.0,
+        "loraswap_adapter_load_seconds_sum": 0.3,
     }
 
 
@@ -158,7 +166,7 @@ def fake_measurement(system: str, pairs_s: float, *, rss_mb: int, loads: int = 0
                         latencies_ms=[float(i) for i in range(1, 21)])
     activity = ({"loads": loads, "evictions": loads, "hit_rate": 0.5, "load_ms_mean": 25.0, "loaded_at_end": 25}
                 if system == "peft_lru" else
-                {"disk_loads": loads, "device_moves": loads, "host_evictions": 0, "device_evictions": 0,
+                {"disk_loads": loads, "load_ms_mean": 5.0, "device_moves": loads, "host_evictions": 0, "device_evictions": 0,
                  "device_hit_rate": 0.5,
                  "host_hit_rate": 0.0, "tiers_at_end": {}, "states_at_end": {}, "metrics_delta": {},
                  "batch_sizes": None})
