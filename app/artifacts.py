@@ -79,7 +79,7 @@ class LoraRecord(BaseModel):
     r: int = Field(ge=1)
     alpha: float
     dropout: float = Field(ge=0, le=1)
-    target_modules: list[str] = Field(min_length=1)
+    target_modules: list[str] = Field(default_factory=list, description="Empty for a head-only adapter (a linear probe).")
 
 
 class AdapterMetadata(BaseModel):

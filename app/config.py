@@ -51,10 +51,27 @@ class Settings(BaseSettings):
         "and readiness then needs only the base).",
     )
     max_resident_adapters: int = Field(
-        16, ge=1, description="Adapters kept on the device at once (LRU; pinned and in-use ones stay)."
+        16,
+        ge=1,
+        description="Device slots: adapters on the device at once (LRU; pinned ones and those of the running "
+        "batch stay). A batch mixes at most this many adapters, less the pinned ones.",
+    )
+    max_host_adapters: int = Field(
+        64,
+        ge=1,
+        description="Adapters whose validated weights are kept in host memory (LRU; pinned ones and those of "
+        "queued requests stay); the rest are known from their files and loaded on first use.",
+    )
+    max_lora_rank: int = Field(
+        64, ge=1, description="Largest LoRA rank a device slot holds; adapters of a higher rank are refused (422)."
+    )
+    adapter_loader_threads: int = Field(
+        2, ge=1, description="Threads that read and validate adapters on a miss, off the engine's thread."
     )
     pinned_adapters: list[str] = Field(
-        default_factory=list, description="Adapters never evicted from the device (JSON list of names)."
+        default_factory=list,
+        description="Adapters loaded at start-up and never evicted from host memory or the device (JSON list "
+        "of names; fewer than LORASWAP_MAX_RESIDENT_ADAPTERS).",
     )
     admin_token: str | None = Field(
         None,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.config import Settings
+from app.errors import ServiceError
 from app.services.fraud import FraudService
 from app.services.metrics import Metrics
 from app.services.readiness import Readiness
@@ -100,6 +101,14 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
     from app.services.nli import NLIService
 
     metrics, readiness = runtime.metrics, runtime.readiness
+    if len(settings.pinned_adapters) >= settings.max_resident_adapters:
+        reason = (
+            f"{len(settings.pinned_adapters)} pinned adapters leave no free slot of "
+            f"LORASWAP_MAX_RESIDENT_ADAPTERS={settings.max_resident_adapters}"
+        )
+        logger.error("NLI not served: %s", reason)
+        readiness.set_failed("nli", reason)
+        return
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     try:
         spec = resolve_base(settings.base_model, random_init=settings.base_random_init, seed=settings.base_random_seed)
@@ -108,15 +117,30 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
             device=settings.device,
             max_seq_len=settings.max_seq_len_tokens,
             max_resident=settings.max_resident_adapters,
+            max_rank=settings.max_lora_rank,
             pinned=set(settings.pinned_adapters),
         )
     except (BaseModelError, OSError, RuntimeError) as exc:
         logger.error("NLI base %s not served: %s", settings.base_model, exc)
         readiness.set_failed("nli", f"base model {settings.base_model!r} failed to load: {exc}")
         return
-    registry = AdapterRegistry(engine, engine.residency, metrics=metrics)
+    def retire(adapter) -> None:
+        # Unloaded, replaced or evicted from the host: its slot is freed by the engine's worker.
+        engine.slots.retire(adapter)
+        if runtime.batcher is not None:
+            runtime.batcher.request_maintenance()
+
+    registry = AdapterRegistry(
+        engine,
+        engine.slots,
+        max_host=settings.max_host_adapters,
+        roots=settings.all_adapter_roots(),
+        loader_threads=settings.adapter_loader_threads,
+        metrics=metrics,
+        on_retire=retire,
+    )
     registry.discover(settings.adapters_dir)
-    warm = registry.ready_adapter(settings.default_adapter) or registry.any_ready_adapter()
+    warm = _preload(registry, [*settings.pinned_adapters, settings.default_adapter])
     if warm is not None:
         # One forward before taking traffic: the first pays one-off costs (allocations, kernels).
         engine.run(engine.encode(["warm-up"], ["warm-up"]), [warm])
@@ -132,7 +156,8 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
     )
     batcher.start()
     metrics.watch_queue(lambda: batcher.pending_pairs)
-    metrics.watch_residency(engine.residency.counters)
+    metrics.watch_residency(engine.slots.counters)
+    metrics.watch_tiers(lambda: _tier_counts(registry))
     runtime.engine, runtime.registry, runtime.batcher = engine, registry, batcher
     runtime.nli_service = NLIService(
         registry,
@@ -146,6 +171,32 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
         registry, roots=settings.all_adapter_roots(), admin_token=settings.admin_token, metrics=metrics
     )
     readiness.set_check("nli", _nli_readiness(registry, settings.default_adapter))
+
+
+def _preload(registry: AdapterRegistry, names: list[str | None]):
+    """Load the pinned adapters and the default one before taking traffic (a broken one is recorded as
+    failed, with its reason); returns the weights of the last that loaded, for the warm-up forward."""
+    warm = None
+    for name in dict.fromkeys(n for n in names if n):
+        try:
+            lease = registry.lease([name])
+        except ServiceError as exc:
+            logger.error("adapter %s not preloaded: %s", name, exc.message)
+            continue
+        try:
+            warm = registry.load_now(lease)[name]
+        except ServiceError as exc:
+            logger.error("adapter %s not preloaded: %s", name, exc.message)
+        finally:
+            lease.release()
+    return warm
+
+
+def _tier_counts(registry: AdapterRegistry) -> dict[str, int]:
+    counts = {"disk": 0, "host": 0, "device": 0}
+    for entry in registry.entries():
+        counts[registry.tier(entry)] += 1
+    return counts
 
 
 def _nli_readiness(registry: AdapterRegistry, default: str | None):

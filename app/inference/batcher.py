@@ -8,8 +8,9 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from app.errors import InferenceFailed, Overloaded
@@ -26,16 +27,11 @@ class _Item:
     adapter: AdapterWeights
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    enqueued_at: float = field(default_factory=time.perf_counter)
+    enqueued_at: float
     cancelled: bool = False
 
-
-@dataclass
-class BatchStats:
-    """Running totals, written by the worker only (the batch-size histogram lives in the metrics)."""
-
-    batches: int = 0
-    failed_batches: int = 0
+    def live(self) -> bool:
+        return not self.cancelled and not self.future.cancelled()
 
 
 class BatchObserver(Protocol):
@@ -46,10 +42,12 @@ class BatchObserver(Protocol):
 
 
 class Batcher:
-    """Invariants: the worker thread is the only caller of the engine; `pending_pairs` never exceeds
-    `max_queue_pairs` (admission is all-or-nothing per request); every admitted item's future is
-    resolved exactly once, with probabilities or with the typed error of its batch; items whose
-    caller went away are dropped before they reach the engine.
+    """The one owner of the queue, and of the engine's thread. Invariants: the worker thread is the
+    only caller of the engine (forwards and slot moves); queued pairs plus pairs admitted while their
+    adapters load never exceed `max_queue_pairs` (admission is all-or-nothing per request); every
+    admitted item's future is resolved exactly once, with probabilities or with the typed error of its
+    batch; items whose caller went away are dropped before each forward, not only when collected;
+    no batch mixes more adapters than the device has slots for.
     """
 
     def __init__(
@@ -63,8 +61,10 @@ class Batcher:
         max_queue_wait_ms: float | None = None,
         min_fill: float = 0.0,
         observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.engine = engine
+        self.clock = clock
         self.observer = observer
         self.max_batch_pairs = max_batch_pairs
         self.max_batch_tokens = max_batch_tokens
@@ -76,8 +76,10 @@ class Batcher:
         # batches do not drag the estimate down), for the wait estimate at admission.
         self.pairs_per_s: float | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=32)
-        self._in_flight = 0
-        self.stats = BatchStats()
+        self._in_flight = 0  # pairs taken by the worker and not yet answered
+        self._loading = 0  # pairs admitted and waiting for their adapters to load
+        self._batches = 0
+        self._maintenance = False
         self._pending: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -98,48 +100,78 @@ class Batcher:
 
     @property
     def pending_pairs(self) -> int:
+        """Pairs admitted and not yet taken by the worker (queued, or waiting for their adapter)."""
         with self._cond:
-            return len(self._pending)
+            return len(self._pending) + self._loading
+
+    def request_maintenance(self) -> None:
+        """Ask the worker to free the slots of retired adapters, even if no batch comes."""
+        with self._cond:
+            self._maintenance = True
+            self._cond.notify()
 
     # -- admission (event loop) --------------------------------------------------------------------
     async def submit(
-        self, premises: list[str], hypotheses: list[str], adapters: list[AdapterWeights]
+        self,
+        premises: Sequence[str],
+        hypotheses: Sequence[str],
+        adapters: Sequence[AdapterWeights] | Awaitable[Sequence[AdapterWeights]],
     ) -> list[list[float]]:
+        """Admit the pairs (or refuse them whole), then answer them. `adapters` may be an awaitable of
+        the per-pair adapters: the pairs are admitted and counted first, their adapters load off the
+        event loop and the engine's thread, and only then do they join the queue."""
         loop = asyncio.get_running_loop()
+        count = len(premises)
+        with self._cond:
+            try:
+                self._admit(count)
+            except Overloaded:
+                if asyncio.iscoroutine(adapters):
+                    adapters.close()  # refused: its loads never start
+                raise
+            self._loading += count
+        try:
+            resolved = adapters if isinstance(adapters, Sequence) else await adapters
+        except BaseException:
+            with self._cond:
+                self._loading -= count
+            raise
         items = [
-            _Item(p, h, a, loop.create_future(), loop) for p, h, a in zip(premises, hypotheses, adapters, strict=True)
+            _Item(p, h, a, loop.create_future(), loop, 0.0) for p, h, a in zip(premises, hypotheses, resolved, strict=True)
         ]
         with self._cond:
+            self._loading -= count
             if self._stopping:
                 raise Overloaded("the server is shutting down", retry_after_s=5)
-            free = self.max_queue_pairs - len(self._pending)
-            if len(items) > free:
-                raise Overloaded(
-                    f"the queue is full ({len(self._pending)} pairs waiting); retry shortly",
-                    details={"queued_pairs": len(self._pending), "max_queue_pairs": self.max_queue_pairs},
-                )
-            wait_s = self._estimated_wait_s()
-            if wait_s is not None and self.max_queue_wait_s is not None and wait_s > self.max_queue_wait_s:
-                raise Overloaded(
-                    f"the queue would take about {wait_s * 1e3:.0f} ms to reach this request; retry shortly",
-                    retry_after_s=max(1, math.ceil(wait_s)),
-                    details={"estimated_wait_ms": round(wait_s * 1e3), "max_queue_wait_ms": self.max_queue_wait_s * 1e3},
-                )
+            now = self.clock()
+            for item in items:
+                item.enqueued_at = now
             self._pending.extend(items)
             self._cond.notify()
-        # While queued or running, the adapters may not be evicted from the device.
-        in_use = Counter(adapters)
-        for adapter, count in in_use.items():
-            self.engine.residency.acquire(adapter, count)
         try:
             return list(await asyncio.gather(*(item.future for item in items)))
         except asyncio.CancelledError:
             for item in items:
                 item.cancelled = True
             raise
-        finally:
-            for adapter, count in in_use.items():
-                self.engine.residency.release(adapter, count)
+
+    def _admit(self, count: int) -> None:
+        """Called with the lock held: refuse the request whole if it does not fit."""
+        if self._stopping:
+            raise Overloaded("the server is shutting down", retry_after_s=5)
+        waiting = len(self._pending) + self._loading
+        if count > self.max_queue_pairs - waiting:
+            raise Overloaded(
+                f"the queue is full ({waiting} pairs waiting); retry shortly",
+                details={"queued_pairs": waiting, "max_queue_pairs": self.max_queue_pairs},
+            )
+        wait_s = self._estimated_wait_s()
+        if wait_s is not None and self.max_queue_wait_s is not None and wait_s > self.max_queue_wait_s:
+            raise Overloaded(
+                f"the queue would take about {wait_s * 1e3:.0f} ms to reach this request; retry shortly",
+                retry_after_s=max(1, math.ceil(wait_s)),
+                details={"estimated_wait_ms": round(wait_s * 1e3), "max_queue_wait_ms": self.max_queue_wait_s * 1e3},
+            )
 
     def _estimated_wait_s(self) -> float | None:
         """How long the pairs ahead of a new request should take (its own are not counted: a large
@@ -147,7 +179,7 @@ class Batcher:
         the first batch has been timed."""
         if not self.pairs_per_s:
             return None
-        return (len(self._pending) + self._in_flight) / self.pairs_per_s
+        return (len(self._pending) + self._loading + self._in_flight) / self.pairs_per_s
 
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -155,31 +187,39 @@ class Batcher:
             window = self._collect()
             if window is None:
                 return
-            live = [item for item in window if not item.cancelled and not item.future.cancelled()]
-            with self._cond:
-                self._in_flight = len(live)
-            if live:
-                self._process(live)
-            with self._cond:
-                self._in_flight = 0
+            try:
+                if window:
+                    self._process(window)
+                else:
+                    self.engine.free_retired()
+            finally:
+                with self._cond:
+                    self._in_flight = 0
 
     def _collect(self) -> list[_Item] | None:
-        """Wait for work, give latecomers `max_wait_ms` to join, then take what is queued (bounded)."""
+        """Wait for work, give latecomers `max_wait_ms` to join, then take what is queued (bounded).
+        What it takes counts as in flight from the same lock section, so the wait estimate never
+        loses sight of it."""
         with self._cond:
             while not self._pending and not self._stopping:
+                if self._maintenance:
+                    self._maintenance = False
+                    return []  # nothing to run: the worker frees retired slots instead
                 self._cond.wait()
             if not self._pending and self._stopping:
                 return None
             deadline = self._pending[0].enqueued_at + self.max_wait_s
             while len(self._pending) < self.max_batch_pairs and not self._stopping:
-                remaining = deadline - time.perf_counter()
+                remaining = deadline - self.clock()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
             # Several batches' worth at most, so sorting by length has rows to choose from
             # without letting one round hold the queue for long.
             take = min(len(self._pending), self.max_batch_pairs * 4)
-            return [self._pending.popleft() for _ in range(take)]
+            window = [self._pending.popleft() for _ in range(take)]
+            self._in_flight = len(window)
+            return [item for item in window if item.live()]
 
     def _process(self, items: list[_Item]) -> None:
         try:
@@ -189,52 +229,62 @@ class Batcher:
             self._fail(items, exc)
             return
         order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
-        for batch in self._split(order, encoded):
-            self._run_batch([items[i] for i in batch], [encoded[i] for i in batch])
+        for batch in self._split(order, encoded, [item.adapter for item in items]):
+            # Filtered again per batch: a client may leave while earlier batches of its window run.
+            live = [i for i in batch if items[i].live()]
+            if live:
+                self._run_batch([items[i] for i in live], [encoded[i] for i in live])
 
-    def _split(self, order: list[int], encoded: list[EncodedPair]) -> list[list[int]]:
-        """Length-sorted rows cut into batches by pair count, padded-token budget, and fill: a batch
-        ends before a row that would leave less than `min_fill` of its padded tokens real (on a CPU,
-        padding is paid in full, so a fuller batch beats a bigger one)."""
+    def _split(
+        self, order: list[int], encoded: list[EncodedPair], adapters: list[AdapterWeights]
+    ) -> list[list[int]]:
+        """Length-sorted rows cut into batches by pair count, padded-token budget, fill (a batch ends
+        before a row that would leave less than `min_fill` of its padded tokens real: on a CPU, padding
+        is paid in full, so a fuller batch beats a bigger one), and the device's slots (a batch never
+        mixes more adapters than there are slots for)."""
+        max_distinct = self.engine.slots.max_distinct_per_batch
         batches: list[list[int]] = []
         current: list[int] = []
+        distinct: set[AdapterWeights] = set()
         real_tokens = 0
         for index in order:
             longest = len(encoded[index])  # sorted ascending: the newest row is the longest
             padded = (len(current) + 1) * longest
+            new_adapter = adapters[index] not in distinct
             if current and (
                 len(current) >= self.max_batch_pairs
                 or padded > self.max_batch_tokens
                 or real_tokens + longest < self.min_fill * padded
+                or (new_adapter and len(distinct) >= max_distinct)
             ):
                 batches.append(current)
-                current, real_tokens = [], 0
+                current, real_tokens, distinct = [], 0, set()
             current.append(index)
+            distinct.add(adapters[index])
             real_tokens += longest
         if current:
             batches.append(current)
         return batches
 
     def _run_batch(self, items: list[_Item], encoded: list[EncodedPair]) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         try:
             probabilities = self.engine.run(encoded, [item.adapter for item in items])
-            self._measure(len(items), time.perf_counter() - now)
+            self._measure(len(items), self.clock() - now)
         except Exception as exc:
             logger.exception("batch of %d pairs failed", len(items))
-            self.stats.failed_batches += 1
             if self.observer is not None:
                 self.observer.observe_failed_batch()
             self._fail(items, exc)
             return
         for item, probs in zip(items, probabilities):
             item.loop.call_soon_threadsafe(_resolve, item.future, probs)
-        self.stats.batches += 1
+        self._batches += 1
         if self.observer is not None:
             self.observer.observe_batch(len(items), [now - item.enqueued_at for item in items])
 
     def _measure(self, pairs: int, seconds: float) -> None:
-        if self.stats.batches == 0:
+        if self._batches == 0:
             return  # the first batch pays one-off warm-up costs; it would make the estimate far too slow
         self._recent.append((pairs, seconds))
         rate = sum(p for p, _ in self._recent) / max(sum(s for _, s in self._recent), 1e-6)

@@ -19,15 +19,14 @@ from app.inference.base_model import (
     fingerprint,
     load_tokenizer,
 )
-from app.inference.lora import LoRAContext, ModuleDelta, wrap_linear_layers
-from app.inference.residency import DeviceAdapter, Residency
+from app.inference.lora import LoRAContext, ModuleDelta, Segment, wrap_linear_layers
+from app.inference.slots import DeviceSlots
 
 logger = logging.getLogger(__name__)
 
-# Side-by-side LoRA matrices are used while their summed rank stays under an eighth of the layer's
-# width (or this floor): beyond that, the extra GEMM columns cost more than gathering per row.
-STACKED_RANK_FLOOR = 64
-STACKED_WIDTH_DIVISOR = 8
+# Batches mixing at most this many adapters run per-adapter segments at each adapter's own rank;
+# more run the gathered (BGMV) layout padded to the slots' maximum rank. Measured in docs/benchmarks.md.
+SEGMENTED_MAX_ADAPTERS = 4
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class NLIEngine:
     """Holds the frozen base (never modified, never merged into) and runs batches for any mix of adapters.
 
     Invariant: `run` is only ever called from one thread at a time (the batcher's worker); the
-    LoRA context and the residency moves rely on it.
+    LoRA context and the slot moves rely on it.
     """
 
     def __init__(
@@ -63,11 +62,13 @@ class NLIEngine:
         device: str = "auto",
         max_seq_len: int = 256,
         max_resident: int = 16,
+        max_rank: int = 64,
         pinned: set[str] | None = None,
+        segmented_max_adapters: int = SEGMENTED_MAX_ADAPTERS,
     ):
         self.spec = spec
         self.device = pick_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = self._dtype_for(self.device)
         self.max_seq_len = max_seq_len
         self.tokenizer = load_tokenizer(spec)
         model = build_classifier(spec, num_labels=2)
@@ -93,17 +94,35 @@ class NLIEngine:
             config=self.config,
             names=_base_names(spec, self.config),
         )
-        self.residency = Residency(self.device, self.dtype, max_resident, pinned)
+        self.slots = DeviceSlots(
+            self.device,
+            self.dtype,
+            capacity=max_resident,
+            max_rank=max_rank,
+            linear_shapes=self.base_info.linear_shapes,
+            pinned=pinned,
+        )
+        self.segmented_max_adapters = segmented_max_adapters
         self.uses_pooler = self.config.model_type == "bert"
         self.pad_id = self.tokenizer.pad_token_id
         logger.info(
             "base %s loaded on %s (%s), %d LoRA-able layers", spec.display_id, self.device, self.dtype, len(self.wrapped)
         )
 
+    @staticmethod
+    def _dtype_for(device: torch.device) -> torch.dtype:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+
     # -- adapters --------------------------------------------------------------------------------
     def read_adapter(self, name: str, path, labels=None) -> AdapterWeights:
         """Read and validate an adapter for this base (host memory; pinned when the device is CUDA)."""
         adapter = load_adapter(name, path, self.base_info, labels)
+        if adapter.rank > self.slots.max_rank:
+            raise AdapterLoadError(
+                "invalid",
+                f"rank {adapter.rank} is over the device slots' maximum of {self.slots.max_rank} "
+                "(LORASWAP_MAX_LORA_RANK)",
+            )
         if self.device.type == "cuda":
             for store in (adapter.a, adapter.b):
                 for key, tensor in store.items():
@@ -125,9 +144,10 @@ class NLIEngine:
             raise ValueError("one adapter per pair")
         distinct = list(dict.fromkeys(adapters))
         with torch.inference_mode():
-            on_device = self.residency.ensure(distinct)
+            slot_of = self.slots.place(distinct)
+            rows_of = {adapter: [i for i, a in enumerate(adapters) if a is adapter] for adapter in distinct}
             inputs = self._pad(pairs)
-            self.context.deltas = self._deltas(adapters, distinct, on_device)
+            self.context.deltas = self._deltas(adapters, rows_of, slot_of)
             try:
                 outputs = self.encoder(**inputs)
             finally:
@@ -135,14 +155,17 @@ class NLIEngine:
             # BERT's heads read the (shared, frozen) pooler output; RoBERTa's read the <s> token.
             features = outputs.pooler_output if self.uses_pooler else outputs.last_hidden_state
             probabilities: list[list[float] | None] = [None] * len(pairs)
-            for adapter in distinct:
-                rows = [i for i, a in enumerate(adapters) if a is adapter]
+            for adapter, rows in rows_of.items():
                 index = torch.tensor(rows, device=self.device)
-                logits = on_device[adapter].head(features.index_select(0, index))  # [rows, labels]
+                logits = self.slots.heads[slot_of[adapter]](features.index_select(0, index))  # [rows, labels]
                 probs = F.softmax(logits.float(), dim=-1).cpu().tolist()
                 for row, p in zip(rows, probs):
                     probabilities[row] = p
         return probabilities  # type: ignore[return-value]
+
+    def free_retired(self) -> int:
+        """Empty the slots of unloaded or replaced adapters (worker thread)."""
+        return self.slots.free_retired()
 
     def _pad(self, pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
         longest = max(len(p) for p in pairs)
@@ -163,47 +186,33 @@ class NLIEngine:
     def _deltas(
         self,
         row_adapters: list[AdapterWeights],
-        distinct: list[AdapterWeights],
-        on_device: dict[AdapterWeights, DeviceAdapter],
+        rows_of: dict[AdapterWeights, list[int]],
+        slot_of: dict[AdapterWeights, int],
     ) -> dict[str, ModuleDelta]:
-        modules = set().union(*(on_device[a].a.keys() for a in distinct))
-        if len(distinct) == 1:
-            only = on_device[distinct[0]]
-            return {m: ModuleDelta(only.a[m], only.b[m]) for m in modules}
-        index_of = {adapter: i for i, adapter in enumerate(distinct)}
-        row_index = torch.tensor([index_of[a] for a in row_adapters], device=self.device)  # [batch]
+        slots = self.slots
+        modules = set().union(*(adapter.a.keys() for adapter in rows_of))
         deltas: dict[str, ModuleDelta] = {}
+        if len(rows_of) > self.segmented_max_adapters:
+            row_slot = torch.tensor([slot_of[a] for a in row_adapters], device=self.device)  # [batch]
+            for module in modules:
+                deltas[module] = ModuleDelta(slots.a[module], slots.b[module], row_slot=row_slot)
+            return deltas
+        whole = len(rows_of) == 1
+        segments = {
+            adapter: (None if whole else torch.tensor(rows, device=self.device), slot_of[adapter])
+            for adapter, rows in rows_of.items()
+        }
         for module in modules:
-            present = [a for a in distinct if module in on_device[a].a]
-            total_rank = sum(a.rank for a in present)
-            in_features, out_features = self.base_info.linear_shapes[module]
-            if total_rank <= max(STACKED_RANK_FLOOR, min(in_features, out_features) // STACKED_WIDTH_DIVISOR):
-                deltas[module] = self._stacked(module, present, index_of, row_index, on_device)
-            else:
-                deltas[module] = self._gathered(module, present, index_of, row_index, on_device)
+            deltas[module] = ModuleDelta(
+                slots.a[module],
+                slots.b[module],
+                segments=[
+                    Segment(rows, slot, adapter.rank)
+                    for adapter, (rows, slot) in segments.items()
+                    if module in adapter.a
+                ],
+            )
         return deltas
-
-    def _stacked(self, module, present, index_of, row_index, on_device) -> ModuleDelta:
-        a = torch.cat([on_device[x].a[module] for x in present], dim=0)  # [R, in]
-        b = torch.cat([on_device[x].b[module] for x in present], dim=1)  # [out, R]
-        owner = torch.tensor(
-            [index_of[x] for x in present for _ in range(x.rank)], device=self.device
-        )  # [R]: which adapter each column belongs to
-        mask = (row_index[:, None] == owner[None, :]).to(self.dtype).unsqueeze(1)  # [batch, 1, R]
-        return ModuleDelta(a, b, column_mask=mask)
-
-    def _gathered(self, module, present, index_of, row_index, on_device) -> ModuleDelta:
-        in_features, out_features = self.base_info.linear_shapes[module]
-        rank = max(x.rank for x in present)
-        a = torch.zeros((len(present) + 1, rank, in_features), device=self.device, dtype=self.dtype)
-        b = torch.zeros((len(present) + 1, out_features, rank), device=self.device, dtype=self.dtype)
-        slot_of_index = torch.zeros(len(index_of), dtype=torch.long)
-        for slot, adapter in enumerate(present, start=1):
-            a[slot, : adapter.rank] = on_device[adapter].a[module]
-            b[slot, :, : adapter.rank] = on_device[adapter].b[module]
-            slot_of_index[index_of[adapter]] = slot
-        row_slot = slot_of_index.to(self.device).index_select(0, row_index)  # [batch]
-        return ModuleDelta(a, b, row_slot=row_slot)
 
 
 def _base_names(spec: BaseSpec, config) -> frozenset[str]:

@@ -10,22 +10,30 @@ from torch import nn
 
 
 @dataclass
-class ModuleDelta:
-    """The LoRA matrices one wrapped Linear needs for one batch, in one of three layouts:
+class Segment:
+    """The rows of one adapter in a batch: `rows` [n] (None: every row), its `slot` and `rank`."""
 
-    - single: every row uses one adapter; `a` [r, in], `b` [out, r].
-    - stacked (few adapters): the adapters' matrices side by side, `a` [R, in], `b` [out, R] with
-      R the sum of their ranks, and `column_mask` [batch, 1, R] keeping, for each row, only its own
-      adapter's columns. Two plain GEMMs for the whole batch, whatever the mix.
-    - gathered (many adapters, where R would make those GEMMs costly): `a` [slots, r, in],
-      `b` [slots, out, r] padded to the largest rank, `row_slot` [batch] picks each row's slot, and
-      batched matmuls apply them; slot 0 is zeros for rows whose adapter skips this module.
-    `b` is pre-scaled by alpha / r (alpha / sqrt(r) for rsLoRA), so the forward never rescales.
+    rows: torch.Tensor | None
+    slot: int
+    rank: int
+
+
+@dataclass
+class ModuleDelta:
+    """What one wrapped Linear needs for one batch: the slot buffers, `a` [slots, r_max, in] and `b`
+    [slots, out, r_max] (`b` pre-scaled by alpha / r, or alpha / sqrt(r) for rsLoRA), and which rows use
+    which slot, in one of two layouts:
+
+    - segments: per adapter of the batch, its rows and its own rank (no padding): two small GEMMs per
+      adapter on views of its slot, added back with index_add. Cheap when few adapters share a batch.
+    - row_slot [batch]: each row's slot; the slots' matrices are gathered per row, padded to r_max, and
+      applied with batched matmuls (BGMV). No Python loop, but r_max columns for every row.
+    Rows whose adapter does not target this module are in no segment (and read zeros when gathered).
     """
 
     a: torch.Tensor
     b: torch.Tensor
-    column_mask: torch.Tensor | None = None
+    segments: list[Segment] | None = None
     row_slot: torch.Tensor | None = None
 
 
@@ -60,15 +68,20 @@ class MultiLoRALinear(nn.Module):
         delta = deltas.get(self.name) if deltas else None
         if delta is None:
             return out
-        if delta.row_slot is None:
-            low = x @ delta.a.transpose(0, 1)  # [batch, seq, R] (or [batch, R])
-            if delta.column_mask is not None:
-                low = low * (delta.column_mask if x.dim() == 3 else delta.column_mask.squeeze(1))
-            return out + low @ delta.b.transpose(0, 1)
+        if delta.segments is not None:
+            for segment in delta.segments:
+                a = delta.a[segment.slot, : segment.rank]  # [r, in], a view of the slot
+                b = delta.b[segment.slot, :, : segment.rank]  # [out, r]
+                if segment.rows is None:
+                    out = out + (x @ a.transpose(0, 1)) @ b.transpose(0, 1)
+                else:
+                    rows = x.index_select(0, segment.rows)  # [n, seq, in]
+                    out = out.index_add(0, segment.rows, (rows @ a.transpose(0, 1)) @ b.transpose(0, 1))
+            return out
         rows = x if x.dim() == 3 else x.unsqueeze(1)  # [batch, seq, in]
-        a_rows = delta.a.index_select(0, delta.row_slot)  # [batch, r, in]
-        b_rows = delta.b.index_select(0, delta.row_slot)  # [batch, out, r]
-        low = torch.bmm(rows, a_rows.transpose(1, 2))  # [batch, seq, r]
+        a_rows = delta.a.index_select(0, delta.row_slot)  # [batch, r_max, in]
+        b_rows = delta.b.index_select(0, delta.row_slot)  # [batch, out, r_max]
+        low = torch.bmm(rows, a_rows.transpose(1, 2))  # [batch, seq, r_max]
         return out + torch.bmm(low, b_rows.transpose(1, 2)).view_as(out)
 
 

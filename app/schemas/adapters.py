@@ -17,9 +17,17 @@ class AdapterInfo(BaseModel):
     rank: int | None
     target_modules: list[str]
     size_bytes: int | None = Field(None, description="Size of adapter_model.safetensors, in bytes.")
-    state: str = Field(..., description="loading, ready or failed; `unloaded` in the answer to a DELETE.")
-    resident: bool = Field(..., description="Whether the adapter's weights are on the device now.")
-    pinned: bool = Field(..., description="Pinned adapters are never evicted from the device.")
+    state: str = Field(
+        ...,
+        description="known (on disk, weights not read), loading, ready (validated weights in host memory) or "
+        "failed; `unloaded` in the answer to a DELETE.",
+    )
+    tier: str = Field(..., description="The fastest tier holding it: disk, host or device.")
+    resident: bool = Field(..., description="Whether the adapter is in a device slot now (tier device).")
+    pinned: bool = Field(..., description="Pinned adapters are never evicted from host memory or the device.")
+    version: int = Field(..., description="Grows by one with every PUT of this name.")
+    loads: int = Field(..., description="Loads of this name from disk into host memory (first use, reloads, PUTs).")
+    host_evictions: int = Field(..., description="Times its weights were dropped from host memory (LRU).")
     requests: int = Field(..., description="Pairs answered by the adapter's current weights (a replace starts again).")
     path: str
     error: str | None = Field(

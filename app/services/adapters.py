@@ -58,22 +58,26 @@ class AdapterService:
         return [self._info(entry) for entry in self._registry.entries()]
 
     def _info(self, entry: AdapterEntry) -> AdapterInfo:
-        adapter = entry.adapter
+        adapter, summary = entry.adapter, entry.summary
         return AdapterInfo(
             name=entry.name,
-            task=adapter.task if adapter else None,
-            labels=list(adapter.labels) if adapter else [],
-            base=adapter.base_id if adapter else None,
-            rank=adapter.rank if adapter else None,
-            target_modules=list(adapter.target_modules) if adapter else [],
-            size_bytes=adapter.size_bytes if adapter else None,
+            task=adapter.task if adapter else summary.task,
+            labels=list(adapter.labels if adapter else summary.labels or entry.labels_override or ()),
+            base=adapter.base_id if adapter else summary.base_id,
+            rank=adapter.rank if adapter else summary.rank,
+            target_modules=list(adapter.target_modules if adapter else summary.target_modules),
+            size_bytes=adapter.size_bytes if adapter else summary.size_bytes,
             state=entry.state.value,
-            resident=self._registry.is_resident(entry),
+            tier=self._registry.tier(entry),
+            resident=self._registry.tier(entry) == "device",
             pinned=self._registry.is_pinned(entry.name),
+            version=entry.version,
             requests=entry.served_pairs,
+            loads=entry.loads,
+            host_evictions=entry.host_evictions,
             path=str(entry.path),
             error=entry.error,
-            metrics=adapter.metrics if adapter else None,
+            metrics=(adapter.metrics if adapter else summary.metrics) or None,
         )
 
     # -- management ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ class _StateCollector(Collector):
     def __init__(self) -> None:
         self.queue_depth: Callable[[], int] | None = None
         self.residency: Callable[[], tuple[int, int, int]] | None = None  # resident, moves in, evictions
+        self.tiers: Callable[[], dict[str, int]] | None = None  # adapters per tier (disk, host, device)
 
     def collect(self) -> Iterable:
         if self.queue_depth is not None:
@@ -27,6 +28,13 @@ class _StateCollector(Collector):
             yield GaugeMetricFamily("loraswap_resident_adapters", "Adapters on the device now.", resident)
             yield CounterMetricFamily("loraswap_adapter_moves", "Adapters moved onto the device.", moves)
             yield CounterMetricFamily("loraswap_adapter_evictions", "Adapters evicted from the device.", evictions)
+        if self.tiers is not None:
+            family = GaugeMetricFamily(
+                "loraswap_adapters", "Known adapters by the fastest tier holding them.", labels=["tier"]
+            )
+            for tier, count in self.tiers().items():
+                family.add_metric([tier], count)
+            yield family
 
 
 class Metrics:
@@ -63,7 +71,8 @@ class Metrics:
             "loraswap_failed_batches", "Forward passes that raised.", registry=self.registry
         )
         self.adapter_loads = Counter(
-            "loraswap_adapter_loads", "Adapter loads through the API or at startup, by outcome.", ["outcome"],
+            "loraswap_adapter_loads",
+            "Adapter loads from disk into host memory (start-up, first use, PUT), by outcome.", ["outcome"],
             registry=self.registry,
         )
         self.adapter_load_seconds = Histogram(
@@ -74,6 +83,10 @@ class Metrics:
             "loraswap_fraud_transactions", "Transactions scored, by decision.", ["decision"], registry=self.registry
         )
 
+        self.host_evictions = Counter(
+            "loraswap_adapter_host_evictions", "Adapters whose weights were dropped from host memory (LRU).",
+            registry=self.registry,
+        )
         self.management_refused = Counter(
             "loraswap_adapter_management_refused", "Adapter management calls refused before any work, by code.",
             ["code"], registry=self.registry,
@@ -86,11 +99,17 @@ class Metrics:
     def watch_residency(self, counters: Callable[[], tuple[int, int, int]]) -> None:
         self.state.residency = counters
 
+    def watch_tiers(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.state.tiers = counts
+
     # -- observers (any thread; prometheus_client is thread-safe) --------------------------------------
     def observe_adapter_load(self, outcome: str, seconds: float | None) -> None:
         self.adapter_loads.labels(outcome).inc()
         if seconds is not None:
             self.adapter_load_seconds.observe(seconds)
+
+    def observe_host_eviction(self) -> None:
+        self.host_evictions.inc()
 
     def observe_management_refused(self, code: str) -> None:
         self.management_refused.labels(code).inc()

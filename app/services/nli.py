@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.errors import InvalidInput, ServiceError
 from app.services.adapter_registry import AdapterRegistry, LoadedAdapter
@@ -13,7 +13,8 @@ from app.services.metrics import Metrics
 
 
 class PairBatcher(Protocol):
-    async def submit(self, premises: list[str], hypotheses: list[str], adapters: list) -> list[list[float]]: ...
+    async def submit(self, premises: list[str], hypotheses: list[str], adapters: Any) -> list[list[float]]:
+        """`adapters`: the per-pair adapters, or an awaitable of them (awaited once admitted)."""
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,25 @@ class NLIService:
             )
         self._check_text(pairs, batch_field)
         names = self._adapter_names(pairs, batch_field)
-        resolved: dict[str, LoadedAdapter] = {}
-        for name in dict.fromkeys(names):
-            resolved[name] = self.registry.resolve(name)
-        adapters = [resolved[name] for name in names]
+        lease = self.registry.lease(names)  # unknown or failed adapters are refused here
+        adapters: list[LoadedAdapter] = []
+
+        async def row_adapters() -> list[LoadedAdapter]:
+            # Runs once the batcher has admitted the pairs: misses load off the event loop meanwhile.
+            weights = await lease.weights()
+            adapters.extend(weights[name] for name in names)
+            return adapters
+
         started = time.perf_counter()
         try:
             probabilities = await self.batcher.submit(
-                [p.premise for p in pairs], [p.hypothesis for p in pairs], adapters
+                [p.premise for p in pairs], [p.hypothesis for p in pairs], row_adapters()
             )
         except ServiceError as exc:
             self._count(names, exc.code, None)
             raise
+        finally:
+            lease.release()
         self._count(names, "ok", time.perf_counter() - started)
         for adapter, count in Counter(adapters).items():
             self.registry.record_served(adapter, count)

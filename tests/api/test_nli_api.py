@@ -125,6 +125,7 @@ def test_malformed_bodies_are_422(client, raw, content_type):
 
 
 def test_list_and_get_adapters(client):
+    assert nli(client, "alpha").status_code == 200  # this test's own request: it must not rely on others'
     listing = client.get("/adapters").json()["adapters"]
     by_name = {a["name"]: a for a in listing}
     assert {"alpha", "beta"} <= set(by_name)
@@ -132,6 +133,7 @@ def test_list_and_get_adapters(client):
     assert alpha["state"] == "ready" and alpha["rank"] == 16 and alpha["target_modules"] == ["query", "value"]
     assert alpha["labels"] == ["entailment", "neutral", "contradiction"]
     assert alpha["size_bytes"] > 0 and alpha["requests"] >= 1 and alpha["resident"] is True
+    assert alpha["tier"] == "device" and alpha["version"] >= 1 and alpha["loads"] >= 1
     assert client.get("/adapters/nope").status_code == 404
 
 

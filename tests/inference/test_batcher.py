@@ -1,4 +1,5 @@
-"""The batcher: coalescing, input order, admission control, failures and cancellations, draining."""
+"""The batcher: coalescing, input order, admission control (adapters loading included), failures and
+cancellations, the device's slots, draining. Synchronised with events, never with sleeps or windows."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import pytest
 from app.errors import InferenceFailed, Overloaded
 from app.inference.batcher import Batcher
 from app.inference.engine import EncodedPair
-from app.inference.residency import Residency
+
+
+class FakeSlots:
+    def __init__(self, max_distinct: int):
+        self.max_distinct_per_batch = max_distinct
 
 
 class FakeEngine:
     """Encodes a pair as len(premise) tokens; answers [len(premise), adapter id]; can block or fail."""
 
-    def __init__(self):
-        import torch
-
-        self.residency = Residency(torch.device("cpu"), torch.float32, capacity=8)
+    def __init__(self, max_distinct: int = 8):
+        self.slots = FakeSlots(max_distinct)
+        self.freed = threading.Event()
         self.batches: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -38,17 +42,33 @@ class FakeEngine:
             raise RuntimeError("injected")
         return [[float(len(p)), float(a.ident)] for p, a in zip(pairs, adapters)]
 
+    def free_retired(self):
+        self.freed.set()
+        return 0
+
+
+class CountingObserver:
+    def __init__(self):
+        self.sizes, self.failed = [], 0
+
+    def observe_batch(self, size, queue_waits_s):
+        self.sizes.append(size)
+
+    def observe_failed_batch(self):
+        self.failed += 1
+
 
 class Tag:
     def __init__(self, name, ident):
         self.name, self.ident = name, ident
 
 
-A, B = Tag("a", 1), Tag("b", 2)
+A, B, C = Tag("a", 1), Tag("b", 2), Tag("c", 3)
 
 
 def make(engine, **kw):
-    options = dict(max_batch_pairs=4, max_batch_tokens=10_000, max_wait_ms=20, max_queue_pairs=100)
+    # A long window: a batch goes when max_batch_pairs have come (tests send enough), never on a timer.
+    options = dict(max_batch_pairs=4, max_batch_tokens=10_000, max_wait_ms=60_000, max_queue_pairs=100)
     options.update(kw)
     batcher = Batcher(engine, **options)
     batcher.start()
@@ -79,7 +99,7 @@ def test_split_sorts_by_length_and_respects_budgets():
     batcher = Batcher(engine, max_batch_pairs=3, max_batch_tokens=20, max_wait_ms=0, max_queue_pairs=10)
     encoded = [EncodedPair([0] * n, None) for n in (9, 1, 8, 2, 3, 10)]
     order = sorted(range(6), key=lambda i: len(encoded[i]))
-    batches = batcher._split(order, encoded)
+    batches = batcher._split(order, encoded, [A] * 6)
     assert batches == [[1, 3, 4], [2, 0], [5]]  # 3 pairs max; then 2x9=18 fits 20 tokens, 3x10 does not
 
 
@@ -87,8 +107,15 @@ def test_split_keeps_batches_mostly_real_tokens():
     engine = FakeEngine()
     batcher = Batcher(engine, max_batch_pairs=8, max_batch_tokens=10_000, max_wait_ms=0, max_queue_pairs=10, min_fill=0.9)
     encoded = [EncodedPair([0] * n, None) for n in (10, 10, 11, 30, 31, 32)]
-    batches = batcher._split(list(range(6)), encoded)
+    batches = batcher._split(list(range(6)), encoded, [A] * 6)
     assert batches == [[0, 1, 2], [3, 4, 5]]  # 30 after three rows of ~10 would be 2/3 padding
+
+
+def test_split_never_mixes_more_adapters_than_the_slots_hold():
+    batcher = Batcher(FakeEngine(max_distinct=2), max_batch_pairs=8, max_batch_tokens=10_000, max_wait_ms=0, max_queue_pairs=10)
+    encoded = [EncodedPair([0] * 5, None) for _ in range(6)]
+    batches = batcher._split(list(range(6)), encoded, [A, B, A, C, B, C])
+    assert batches == [[0, 1, 2], [3, 4, 5]]  # C would be a third adapter beside A and B
 
 
 def test_full_queue_fails_fast_with_retry_after():
@@ -115,19 +142,20 @@ def test_full_queue_fails_fast_with_retry_after():
 def test_failed_batch_fails_its_members_and_the_worker_goes_on():
     engine = FakeEngine()
     engine.fail_on = "b"
-    batcher = make(engine, max_batch_pairs=8)
+    observer = CountingObserver()
+    batcher = make(engine, max_batch_pairs=2, observer=observer)
 
     async def main():
         bad = await asyncio.gather(batcher.submit(["aa", "bb"], ["h", "h"], [A, B]), return_exceptions=True)
         engine.fail_on = None
-        good = await batcher.submit(["aa"], ["h"], [A])
+        good = await batcher.submit(["aa", "cc"], ["h", "h"], [A, C])
         return bad, good
 
     bad, good = asyncio.run(main())
     batcher.stop()
     assert isinstance(bad[0], InferenceFailed)
-    assert good == [[2.0, 1.0]]
-    assert batcher.stats.failed_batches == 1
+    assert good == [[2.0, 1.0], [2.0, 3.0]]
+    assert observer.failed == 1 and observer.sizes == [2]
 
 
 def test_cancelled_request_never_reaches_the_engine():
@@ -149,7 +177,76 @@ def test_cancelled_request_never_reaches_the_engine():
     assert asyncio.run(main()) == [[5.0, 1.0]]
     batcher.stop()
     assert ["b"] not in engine.batches
-    assert engine.residency._in_use == {}  # every acquire was released
+
+
+def test_a_request_cancelled_while_an_earlier_batch_of_its_window_runs_never_reaches_the_engine():
+    engine = FakeEngine()
+    engine.gate.clear()
+    # Both requests land in one window (two pairs); fill splits it into a short and a long batch.
+    batcher = make(engine, max_batch_pairs=2, min_fill=0.9)
+
+    async def main():
+        short = asyncio.ensure_future(batcher.submit(["s"], ["h"], [A]))
+        long = asyncio.ensure_future(batcher.submit(["l" * 50], ["h"], [B]))
+        await asyncio.to_thread(engine.entered.wait, 5)  # the short batch is running; the long one waits
+        long.cancel()
+        await asyncio.gather(long, return_exceptions=True)
+        engine.gate.set()
+        return await short
+
+    assert asyncio.run(main()) == [[1.0, 1.0]]
+    batcher.stop()
+    assert engine.batches == [["a"]]
+
+
+def test_pairs_waiting_for_their_adapter_are_admitted_and_counted_then_queued():
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_pairs=3, max_batch_pairs=2)
+    loaded = threading.Event()
+
+    async def adapters_after_load():
+        await asyncio.to_thread(loaded.wait, 5)  # an adapter loading off the event loop
+        return [A, A]
+
+    async def main():
+        waiting = asyncio.ensure_future(batcher.submit(["x", "y"], ["h", "h"], adapters_after_load()))
+        await asyncio.sleep(0)
+        assert batcher.pending_pairs == 2  # admitted while loading, counted by admission
+        with pytest.raises(Overloaded):
+            await batcher.submit(["a", "b"], ["h", "h"], [B, B])  # 2 + 2 > 3
+        refused = adapters_after_load()
+        with pytest.raises(Overloaded):
+            await batcher.submit(["a", "b"], ["h", "h"], refused)  # refused: its load never starts
+        loaded.set()
+        return await waiting
+
+    assert asyncio.run(main()) == [[1.0, 1.0], [1.0, 1.0]]
+    assert batcher.pending_pairs == 0
+    batcher.stop()
+
+
+def test_a_failed_adapter_load_releases_its_admission():
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_pairs=2)
+
+    async def failing():
+        raise Overloaded("stand-in for an adapter that fails to load")
+
+    async def main():
+        with pytest.raises(Overloaded):
+            await batcher.submit(["x", "y"], ["h", "h"], failing())
+        return batcher.pending_pairs
+
+    assert asyncio.run(main()) == 0
+    batcher.stop()
+
+
+def test_maintenance_runs_on_the_worker_when_idle():
+    engine = FakeEngine()
+    batcher = make(engine)
+    batcher.request_maintenance()
+    assert engine.freed.wait(5)
+    batcher.stop()
 
 
 def test_stop_answers_what_is_queued_then_refuses():

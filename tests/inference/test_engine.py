@@ -75,12 +75,11 @@ def test_single_adapter_batch_matches_peft_and_merged(setup, name):
         assert_close(probs, references[(name, True)][row])
 
 
-@pytest.mark.parametrize("layout", ["stacked", "gathered"])
+@pytest.mark.parametrize("layout", ["segmented", "gathered"])
 def test_mixed_batch_matches_each_adapter_alone(setup, layout, monkeypatch):
     engine, adapters, references = setup
-    if layout == "gathered":  # what many adapters in one batch use
-        monkeypatch.setattr("app.inference.engine.STACKED_RANK_FLOOR", 0)
-        monkeypatch.setattr("app.inference.engine.STACKED_WIDTH_DIVISOR", 10**6)
+    # Segments at each adapter's own rank for few adapters; gathered rows padded to r_max for many.
+    monkeypatch.setattr(engine, "segmented_max_adapters", 0 if layout == "gathered" else len(NAMES))
     # Every adapter appears on several rows, interleaved, with different ranks, label sets and targets.
     rows = [(i % len(PAIRS), NAMES[(i * 7) % len(NAMES)]) for i in range(len(PAIRS) * len(NAMES))]
     encoded = engine.encode([PAIRS[i][0] for i, _ in rows], [PAIRS[i][1] for i, _ in rows])
@@ -133,3 +132,50 @@ def test_head_only_adapter_is_the_base_plus_its_head(tiny_roberta_spec, roberta_
         for (premise, hypothesis), probs in zip(PAIRS, got):
             x = tok(premise, hypothesis, truncation=True, max_length=256, return_tensors="pt")
             assert_close(probs, torch.softmax(model(**x).logits, dim=-1)[0].tolist())
+
+
+def test_slots_are_reused_and_answers_survive_eviction_and_reload(tiny_roberta_spec, roberta_adapters):
+    """Two slots for three adapters: every batch evicts one; answers stay exactly those of PEFT."""
+    engine = NLIEngine(tiny_roberta_spec, device="cpu", max_resident=2, max_rank=16)
+    adapters = {name: engine.read_adapter(name, roberta_adapters / name) for name in NAMES}
+    encoded = engine.encode([PAIRS[0][0]], [PAIRS[0][1]])
+    first = {name: engine.run(encoded, [adapters[name]])[0] for name in NAMES}
+    buffers = {m: t.data_ptr() for m, t in engine.slots.a.items()}
+    assert engine.slots.counters() == (2, 3, 1)
+    again = {name: engine.run(encoded, [adapters[name]])[0] for name in reversed(NAMES)}
+    assert again == first  # evicted and moved back in: bit-identical
+    assert {m: t.data_ptr() for m, t in engine.slots.a.items()} == buffers  # allocated once
+    assert engine.slots.counters()[1:] == (4, 2)  # gamma and beta still held; alpha back, evicting gamma
+
+
+def test_a_rank_over_the_slots_maximum_is_refused_at_load(tiny_roberta_spec, roberta_adapters):
+    from app.inference.adapter_loader import AdapterLoadError
+
+    engine = NLIEngine(tiny_roberta_spec, device="cpu", max_rank=8)
+    with pytest.raises(AdapterLoadError) as caught:
+        engine.read_adapter("alpha", roberta_adapters / "alpha")  # r=16
+    assert caught.value.kind == "invalid"
+
+
+BF16_TOLERANCE = 0.02
+
+
+def test_bf16_engine_matches_fp32_peft_in_mixed_batches(tiny_roberta_spec, roberta_adapters, monkeypatch):
+    """The CUDA dtype path, run on the CPU: base, slots and heads in bf16 against PEFT in fp32.
+    bf16 keeps 8 bits of mantissa, so probabilities agree to about 1e-2, not 1e-4."""
+    import app.inference.engine as engine_module
+
+    monkeypatch.setattr(NLIEngine, "_dtype_for", staticmethod(lambda device: torch.bfloat16))
+    engine = engine_module.NLIEngine(tiny_roberta_spec, device="cpu")
+    assert engine.dtype == torch.bfloat16 and engine.slots.dtype == torch.bfloat16
+    adapters = {name: engine.read_adapter(name, roberta_adapters / name) for name in NAMES}
+    references = {name: reference(tiny_roberta_spec, roberta_adapters / name, adapters[name].labels, False) for name in NAMES}
+    rows = [(i % len(PAIRS), NAMES[(i * 7) % len(NAMES)]) for i in range(len(PAIRS) * len(NAMES))]
+    encoded = engine.encode([PAIRS[i][0] for i, _ in rows], [PAIRS[i][1] for i, _ in rows])
+    for layout in (len(NAMES), 0):
+        engine.segmented_max_adapters = layout
+        got = engine.run(encoded, [adapters[name] for _, name in rows])
+        worst = max(
+            abs(a - b) for (i, name), probs in zip(rows, got) for a, b in zip(probs, references[name][i])
+        )
+        assert worst < BF16_TOLERANCE, worst

@@ -198,14 +198,15 @@ def test_adapters_directory_removed_between_loads(tmp_path, embedded_adapters):
 
 
 def _flip_byte(directory: Path) -> None:
-    artifact = directory / "pipeline.joblib"
+    artifact = directory / json.loads((directory / "manifest.json").read_text())["artifact"]["file"]
     blob = bytearray(artifact.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     artifact.write_bytes(bytes(blob))
 
 
 def _malicious_joblib(directory: Path) -> None:
-    (directory / "pipeline.joblib").write_bytes(pickle.dumps(Payload(directory / "unpickled")))
+    artifact = json.loads((directory / "manifest.json").read_text())["artifact"]["file"]
+    (directory / artifact).write_bytes(pickle.dumps(Payload(directory / "unpickled")))
 
 
 @pytest.mark.parametrize("damage", [_flip_byte, _malicious_joblib], ids=["checksum mismatch", "malicious pickle"])

@@ -119,7 +119,7 @@ def test_every_install_goes_through_the_pins():
 
 # Calls that deserialise: module.load/loads of a serialisation library, safetensors' load_file, and
 # transformers' from_pretrained.
-SERIALISERS = {"pickle", "joblib", "torch", "np", "numpy", "dill", "cloudpickle", "marshal", "yaml", "shelve", "json"}
+SERIALISERS = {"pickle", "joblib", "skops", "skops.io", "torch", "np", "numpy", "dill", "cloudpickle", "marshal", "yaml", "shelve", "json"}
 
 
 def _calls(path: Path) -> list[tuple[str, int, ast.Call]]:
@@ -143,7 +143,7 @@ def test_the_service_deserialises_only_safetensors_json_and_verified_joblib():
     allowed = {
         ("adapter_loader.py", "load_file"),  # safetensors.torch.load_file
         ("adapter_loader.py", "json.loads"),
-        ("fraud_scorer.py", "joblib.load"),  # after the sha256 check, below
+        ("fraud_scorer.py", "skops.io.load"),  # after the sha256 check, below; never unpickles
         ("base_model.py", "AutoConfig.from_pretrained"),  # config.json
         ("base_model.py", "AutoTokenizer.from_pretrained"),  # tokenizer files (JSON, text)
         ("base_model.py", "AutoModelForSequenceClassification.from_pretrained"),  # see the next test
@@ -154,9 +154,9 @@ def test_the_service_deserialises_only_safetensors_json_and_verified_joblib():
             key = (path.name, call)
             assert key in allowed or call in ("json.loads", "json.load"), f"{path.name}:{line} calls {call}"
             seen.add(key)
-    assert {("fraud_scorer.py", "joblib.load"), ("adapter_loader.py", "load_file")} <= seen  # the scan works
+    assert {("fraud_scorer.py", "skops.io.load"), ("adapter_loader.py", "load_file")} <= seen  # the scan works
     source = (REPO / "app/inference/fraud_scorer.py").read_text()
-    assert source.index("file_sha256(artifact)") < source.index("joblib.load(artifact)")
+    assert source.index("sha256_hex(artifact)") < source.index("skops.io.load(artifact")
     assert "pickle" not in {name for path in (REPO / "app").rglob("*.py") for name in _imports(path)}
 
 

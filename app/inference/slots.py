@@ -1,0 +1,163 @@
+"""The device tier: a fixed number of adapter slots. For every wrapped Linear an adapter targets, one pair
+of buffers is allocated once (`[slots, r_max, in]` and `[slots, out, r_max]`, as vLLM does); an adapter
+moves in by copying its matrices into a slot, and a batch carries only which slot each row uses.
+
+Invariants: only the engine's worker thread moves adapters in or out and touches the buffers;
+`retire` (any thread) only marks an adapter, and the worker frees its slot before the next batch;
+pinned adapters are never evicted, and neither is an adapter of the batch being placed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from app.inference.adapter_loader import AdapterWeights
+
+logger = logging.getLogger(__name__)
+
+
+class SlotsFull(RuntimeError):
+    """A batch needs more slots than are free of pinned adapters (the batcher never forms one)."""
+
+
+class DeviceSlots:
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        capacity: int,
+        max_rank: int,
+        linear_shapes: dict[str, tuple[int, int]],
+        pinned: set[str] | None = None,
+    ):
+        self.device = device
+        self.dtype = dtype
+        self.capacity = capacity
+        self.max_rank = max_rank
+        self.pinned = frozenset(pinned or ())
+        self._shapes = linear_shapes
+        self._lock = threading.Lock()  # guards the bookkeeping read by other threads
+        self.a: dict[str, torch.Tensor] = {}  # module -> [slots, r_max, in], allocated on first use
+        self.b: dict[str, torch.Tensor] = {}  # module -> [slots, out, r_max], pre-scaled
+        self.heads: list[nn.Module | None] = [None] * capacity
+        self.ranks: list[int] = [0] * capacity
+        self.modules: list[frozenset[str]] = [frozenset()] * capacity
+        self._slot_of: OrderedDict[AdapterWeights, int] = OrderedDict()  # LRU order, oldest first
+        self._retired: set[AdapterWeights] = set()
+        self.moves_in = 0
+        self.evictions = 0
+
+    # -- any thread ------------------------------------------------------------------------------
+    @property
+    def max_distinct_per_batch(self) -> int:
+        """Adapters one batch may mix: every slot but those pinned adapters may hold."""
+        return max(1, self.capacity - len(self.pinned))
+
+    def is_resident(self, adapter: AdapterWeights) -> bool:
+        with self._lock:
+            return adapter in self._slot_of and adapter not in self._retired
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self.pinned
+
+    def retire(self, adapter: AdapterWeights) -> None:
+        """The adapter was unloaded, replaced or evicted from the host: free its slot (worker, later)."""
+        with self._lock:
+            if adapter in self._slot_of:
+                self._retired.add(adapter)
+
+    def counters(self) -> tuple[int, int, int]:
+        """(adapters in slots now, moves onto the device, evictions), for the metrics."""
+        with self._lock:
+            return len(self._slot_of) - len(self._retired), self.moves_in, self.evictions
+
+    def bytes_held(self) -> int:
+        """Device bytes of the slot buffers and of the heads now in slots."""
+        tensors = [*self.a.values(), *self.b.values()]
+        tensors += [t for head in self.heads if head is not None for t in head.state_dict().values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- worker thread only -------------------------------------------------------------------------
+    def free_retired(self) -> int:
+        """Empty the slots of retired adapters; returns how many were freed."""
+        with self._lock:
+            retired, self._retired = self._retired, set()
+            slots = [self._slot_of.pop(a) for a in retired if a in self._slot_of]
+        for slot in slots:
+            self._clear(slot)
+        return len(slots)
+
+    def place(self, adapters: list[AdapterWeights]) -> dict[AdapterWeights, int]:
+        """Slot of every adapter of a batch, moving the missing ones in (evicting least recently used)."""
+        self.free_retired()
+        if len(adapters) > self.capacity:
+            raise SlotsFull(f"a batch of {len(adapters)} adapters does not fit {self.capacity} slots")
+        placed: dict[AdapterWeights, int] = {}
+        for adapter in adapters:
+            with self._lock:
+                slot = self._slot_of.get(adapter)
+                if slot is not None:
+                    self._slot_of.move_to_end(adapter)
+            if slot is None:
+                slot = self._free_slot(keep=set(adapters))
+                self._move_in(adapter, slot)
+            placed[adapter] = slot
+        return placed
+
+    def _free_slot(self, keep: set[AdapterWeights]) -> int:
+        with self._lock:
+            used = set(self._slot_of.values())
+            for slot in range(self.capacity):
+                if slot not in used:
+                    return slot
+            for adapter, slot in self._slot_of.items():  # oldest first
+                if adapter not in keep and adapter.name not in self.pinned:
+                    del self._slot_of[adapter]
+                    self.evictions += 1
+                    return slot
+        raise SlotsFull("every slot holds a pinned adapter or one of this batch")
+
+    def _move_in(self, adapter: AdapterWeights, slot: int) -> None:
+        if adapter.rank > self.max_rank:  # the loader refuses these; a guard for direct callers
+            raise SlotsFull(f"rank {adapter.rank} is over the slots' maximum rank {self.max_rank}")
+        non_blocking = self.device.type == "cuda"  # from pinned host memory
+        self._clear(slot, keep_head=False)
+        for module, a in adapter.a.items():
+            a_buffer, b_buffer = self._buffers(module)
+            a_buffer[slot, : adapter.rank].copy_(a, non_blocking=non_blocking)
+            b_buffer[slot, :, : adapter.rank].copy_(adapter.b[module], non_blocking=non_blocking)
+        self.heads[slot] = copy.deepcopy(adapter.head).to(self.device, self.dtype)
+        self.ranks[slot] = adapter.rank
+        self.modules[slot] = frozenset(adapter.a)
+        with self._lock:
+            self._slot_of[adapter] = slot
+            self.moves_in += 1
+        logger.debug("adapter %s moved into slot %d", adapter.name, slot)
+
+    def _clear(self, slot: int, keep_head: bool = False) -> None:
+        # Zeroed so that the padded (gathered) layout reads exact zeros past an adapter's rank.
+        for module in self.modules[slot]:
+            self.a[module][slot].zero_()
+            self.b[module][slot].zero_()
+        self.modules[slot] = frozenset()
+        self.ranks[slot] = 0
+        if not keep_head:
+            self.heads[slot] = None
+
+    def _buffers(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if module not in self.a:
+            in_features, out_features = self._shapes[module]
+            self.a[module] = torch.zeros(
+                (self.capacity, self.max_rank, in_features), device=self.device, dtype=self.dtype
+            )
+            self.b[module] = torch.zeros(
+                (self.capacity, out_features, self.max_rank), device=self.device, dtype=self.dtype
+            )
+        return self.a[module], self.b[module]
