@@ -129,11 +129,12 @@ def naive_server(args, adapters: AdapterSet, log_dir: Path) -> ServerProcess:
 
 
 def check_adapters_ready(url: str, names: list[str]) -> None:
+    """Every adapter the run uses can serve: known on disk (loaded on first use), loading, or loaded."""
     listing = httpx.get(f"{url}/adapters", timeout=10).json()["adapters"]
     state = {a["name"]: a["state"] for a in listing}
-    missing = [n for n in names if state.get(n) != "ready"]
+    missing = [n for n in names if state.get(n) not in ("known", "loading", "ready")]
     if missing:
-        raise RuntimeError(f"adapters not ready on {url}: {missing} (states: {state})")
+        raise RuntimeError(f"adapters cannot serve on {url}: {missing} (states: {state})")
 
 
 def slices(plan: list, rounds: int) -> list[list]:
