@@ -95,9 +95,9 @@ def measure(adapters_dir: Path, repeats: int) -> Costs:  # pragma: no cover - a 
             weights.append(engine.read_adapter(f"a{i}", path))
             reads.append(time.perf_counter() - started)
         copies = []
-        for w in weights:
+        for w in weights:  # into a free device slot (fixed buffers): the host -> device copy
             started = time.perf_counter()
-            engine.residency.ensure([w])
+            engine.slots.place([w])
             copies.append(time.perf_counter() - started)
         premise = "A man is playing a guitar on a stage in front of a small crowd."
         hypothesis = "A person is making music."

@@ -90,7 +90,7 @@ def fleet(fleet_settings) -> Iterator[Fleet]:
         app_name = "loraswap-test"
         serve.run(
             build_app(fleet_settings, engine_replicas=ENGINE_REPLICAS, engine_num_cpus=0.5, ingress_num_cpus=0.5,
-                      engine_timeout_s=60.0, spread_inflight=4),
+                      engine_timeout_s=20.0, spread_inflight=4),
             name=app_name,
             route_prefix="/",
         )
