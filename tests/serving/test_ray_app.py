@@ -4,9 +4,9 @@ PUT/DELETE reaching every replica by version, and an engine replica killed mid-t
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 import random
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
