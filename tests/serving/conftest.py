@@ -4,6 +4,7 @@ embedded base, fractional CPUs) and, beside it, the single-process server as the
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -83,6 +84,8 @@ def fleet(fleet_settings) -> Iterator[Fleet]:
     from app.serving.ray_app import ENGINE_DEPLOYMENT, build_app
 
     port = _free_port()
+    # ray.init installs SIGTERM/SIGINT handlers in this (pytest's) process: put ours back afterwards.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     # Workers import this checkout (not only the installed one): tests run against the tree under test.
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
@@ -100,6 +103,8 @@ def fleet(fleet_settings) -> Iterator[Fleet]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="module")
