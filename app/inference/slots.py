@@ -90,8 +90,10 @@ class DeviceSlots:
         with self._lock:
             retired, self._retired = self._retired, set()
             slots = [self._slot_of.pop(a) for a in retired if a in self._slot_of]
-        for slot in slots:
-            self._clear(slot)
+        # The buffers were made under inference mode (inside a forward): they may only change under it.
+        with torch.inference_mode():
+            for slot in slots:
+                self._clear(slot)
         return len(slots)
 
     def place(self, adapters: list[AdapterWeights]) -> dict[AdapterWeights, int]:

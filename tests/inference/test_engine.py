@@ -179,3 +179,16 @@ def test_bf16_engine_matches_fp32_peft_in_mixed_batches(tiny_roberta_spec, rober
             abs(a - b) for (i, name), probs in zip(rows, got) for a, b in zip(probs, references[name][i])
         )
         assert worst < BF16_TOLERANCE, worst
+
+
+def test_retired_slots_are_freed_outside_a_forward(tiny_roberta_spec, roberta_adapters):
+    """The batcher frees retired slots from its idle loop, outside any forward (inference mode)."""
+    engine = NLIEngine(tiny_roberta_spec, device="cpu", max_resident=2, max_rank=16)
+    alpha = engine.read_adapter("alpha", roberta_adapters / "alpha")
+    encoded = engine.encode([PAIRS[0][0]], [PAIRS[0][1]])
+    engine.run(encoded, [alpha])
+    held = engine.slots.bytes_held()
+    engine.slots.retire(alpha)
+    assert engine.free_retired() == 1
+    assert engine.slots.counters()[0] == 0 and engine.slots.bytes_held() < held  # its head is gone
+    assert all(not t.any() for t in engine.slots.a.values())  # and its slot zeroed
