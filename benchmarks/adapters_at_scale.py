@@ -454,6 +454,7 @@ def assemble_results(args, scenarios: list[Scenario], started: dict, measured: d
         "device_slots": args.device_slots,
         "host_adapters": args.host_adapters,
         "max_lora_rank": args.max_lora_rank,
+        "rss_slack": RSS_SLACK,
         "peft_max_loaded": args.peft_max_loaded,
         "concurrency": args.concurrency,
         "torch_threads": args.torch_threads,

@@ -76,7 +76,9 @@ def markdown(results: dict) -> str:
         "host-to-device moves / pairs; host = the share of device misses found in host memory. Ms per load: "
         "loraswap's read and validation of one adapter (its loader threads, /metrics), PEFT's `load_adapter` "
         "(under its model lock). The PEFT server's one tier (adapters loaded in its PeftModel) is in the "
-        "device column.",
+        "device column. RSS budget: the `few` server's peak (the base) + host tier x weights file x "
+        f"{results.get('rss_slack', 1.3)}; peak RSS is the most psutil saw, sampled every 0.25 s from warm-up to "
+        "the end.",
         "",
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores; load average "
         f"(1/5/15 min) {results['machine']['load_average_1_5_15']} before and "
