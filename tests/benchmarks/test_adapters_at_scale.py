@@ -102,24 +102,22 @@ def test_peft_lru_server_loads_on_miss_evicts_lru_and_answers_like_peft_alone(ti
         assert answers[name][0] == pytest.approx(want, abs=1e-5)
 
 
-METRICS_BEFORE = """# TYPE loraswap_adapter_moves counter
-loraswap_adapter_moves 10.0
-loraswap_adapter_evictions 2.0
-loraswap_adapter_loads_total{outcome="ok"} 3.0
-loraswap_adapter_load_seconds_bucket{le="0.01"} 3.0
-loraswap_adapter_load_seconds_count 3.0
-loraswap_adapter_load_seconds_sum 0.03
-loraswap_batch_size_count 4.0
-"""
-METRICS_AFTER = """# TYPE loraswap_adapter_moves counter
-loraswap_adapter_moves 50.0
-loraswap_adapter_evictions 30.0
-loraswap_adapter_loads_total{outcome="ok"} 33.0
-loraswap_adapter_load_seconds_bucket{le="0.01"} 13.0
-loraswap_adapter_load_seconds_count 33.0
-loraswap_adapter_load_seconds_sum 0.33
-loraswap_batch_size_count 9.0
-"""
+def metrics_page(moves: int, evictions: int, loads: int, fast_loads: int, load_s: float) -> str:
+    """A /metrics page with the adapter counters of a tiered server (and one series that is not one)."""
+    return "\n".join([
+        "# TYPE loraswap_adapter_moves counter",
+        f"loraswap_adapter_moves {moves}.0",
+        f"loraswap_adapter_evictions {evictions}.0",
+        f'loraswap_adapter_loads_total{{outcome="ok"}} {loads}.0',
+        f'loraswap_adapter_load_seconds_bucket{{le="0.01"}} {fast_loads}.0',
+        f"loraswap_adapter_load_seconds_count {loads}.0",
+        f"loraswap_adapter_load_seconds_sum {load_s}",
+        "loraswap_batch_size_count 4.0",
+    ]) + "\n"
+
+
+METRICS_BEFORE = metrics_page(moves=10, evictions=2, loads=3, fast_loads=3, load_s=0.03)
+METRICS_AFTER = metrics_page(moves=50, evictions=30, loads=33, fast_loads=13, load_s=0.33)
 
 
 def listing(tiers: list[str], loads: list[int]) -> list[dict]:
