@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,13 @@ def roberta_adapters(tiny_roberta_spec, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def embedded_adapters(embedded_spec, tmp_path_factory) -> Path:
     return write_adapters(embedded_spec, tmp_path_factory.mktemp("embedded-adapters"))
+
+
+def check_jsonschema(schema: Path, document: Path) -> subprocess.CompletedProcess:
+    """Validate a manifest against a vendored JSON schema with check-jsonschema (from PyPI)."""
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--schemafile", str(schema), str(document)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

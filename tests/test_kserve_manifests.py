@@ -4,8 +4,6 @@ say what the project serves (protocol v2, one GPU, the project's image, probes o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import yaml
 
 from app.config import Settings
 from app.main import create_app
+from tests.conftest import check_jsonschema
 
 REPO = Path(__file__).resolve().parent.parent
 KSERVE = REPO / "deploy" / "k8s" / "kserve"
@@ -22,22 +21,13 @@ SCHEMAS = {
 }
 
 
-def check(manifest: Path, schema: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--schemafile", str(schema), str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def load(name: str) -> dict:
     return yaml.safe_load((KSERVE / name).read_text())
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_manifest_validates_against_kserves_crd_schema(name):
-    result = check(KSERVE / name, SCHEMAS[name])
+    result = check_jsonschema(SCHEMAS[name], KSERVE / name)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -76,7 +66,7 @@ def test_a_broken_manifest_fails_the_check(tmp_path, name, breaks):
     breaks(doc)
     broken = tmp_path / name
     broken.write_text(yaml.safe_dump(doc))
-    assert check(broken, SCHEMAS[name]).returncode != 0
+    assert check_jsonschema(SCHEMAS[name], broken).returncode != 0
 
 
 def test_manifests_serve_protocol_v2_on_one_gpu_with_the_projects_image():

@@ -47,7 +47,6 @@ class DeviceSlots:
         self.a: dict[str, torch.Tensor] = {}  # module -> [slots, r_max, in], allocated on first use
         self.b: dict[str, torch.Tensor] = {}  # module -> [slots, out, r_max], pre-scaled
         self.heads: list[nn.Module | None] = [None] * capacity
-        self.ranks: list[int] = [0] * capacity
         self.modules: list[frozenset[str]] = [frozenset()] * capacity
         self._slot_of: OrderedDict[AdapterWeights, int] = OrderedDict()  # LRU order, oldest first
         self._retired: set[AdapterWeights] = set()
@@ -127,31 +126,26 @@ class DeviceSlots:
         raise SlotsFull("every slot holds a pinned adapter or one of this batch")
 
     def _move_in(self, adapter: AdapterWeights, slot: int) -> None:
-        if adapter.rank > self.max_rank:  # the loader refuses these; a guard for direct callers
-            raise SlotsFull(f"rank {adapter.rank} is over the slots' maximum rank {self.max_rank}")
         non_blocking = self.device.type == "cuda"  # from pinned host memory
-        self._clear(slot, keep_head=False)
+        self._clear(slot)
         for module, a in adapter.a.items():
             a_buffer, b_buffer = self._buffers(module)
             a_buffer[slot, : adapter.rank].copy_(a, non_blocking=non_blocking)
             b_buffer[slot, :, : adapter.rank].copy_(adapter.b[module], non_blocking=non_blocking)
         self.heads[slot] = copy.deepcopy(adapter.head).to(self.device, self.dtype)
-        self.ranks[slot] = adapter.rank
         self.modules[slot] = frozenset(adapter.a)
         with self._lock:
             self._slot_of[adapter] = slot
             self.moves_in += 1
         logger.debug("adapter %s moved into slot %d", adapter.name, slot)
 
-    def _clear(self, slot: int, keep_head: bool = False) -> None:
+    def _clear(self, slot: int) -> None:
         # Zeroed so that the padded (gathered) layout reads exact zeros past an adapter's rank.
         for module in self.modules[slot]:
             self.a[module][slot].zero_()
             self.b[module][slot].zero_()
         self.modules[slot] = frozenset()
-        self.ranks[slot] = 0
-        if not keep_head:
-            self.heads[slot] = None
+        self.heads[slot] = None
 
     def _buffers(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         if module not in self.a:

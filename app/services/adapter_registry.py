@@ -191,8 +191,8 @@ class AdapterRegistry:
         self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="loraswap-loader")
 
     # -- reading -------------------------------------------------------------------------------------
-    def ready_names(self) -> list[str]:
-        """Names a request can use now or after a load (known, loading or ready)."""
+    def servable_names(self) -> list[str]:
+        """Names a request can use, now or after a load (known, loading or ready; not failed)."""
         with self._lock:
             return sorted(n for n, e in self._entries.items() if e.state is not AdapterState.FAILED)
 
@@ -454,7 +454,7 @@ class AdapterRegistry:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _not_found(self, name: str) -> AdapterNotFound:
-        available = self.ready_names()
+        available = self.servable_names()
         return AdapterNotFound(
             f"no adapter named {name!r}; available: {', '.join(available[:20]) or 'none'}"
             + (f" and {len(available) - 20} more" if len(available) > 20 else ""),

@@ -11,6 +11,7 @@ import pytest
 
 from app.errors import AdapterConflict, AdapterInvalid, AdapterNotFound, InvalidInput
 from app.services.adapter_registry import AdapterRegistry, AdapterState
+from tests.services.fakes import FakeDevice
 
 
 @dataclass(eq=False)
@@ -52,21 +53,6 @@ class FakeLoader:
         return FakeAdapter(name, path)
 
 
-class FakeResidency:
-    def __init__(self):
-        self.retired = []
-        self.pinned = set()
-
-    def is_resident(self, adapter):
-        return False
-
-    def is_pinned(self, name):
-        return name in self.pinned
-
-    def retire(self, adapter):
-        self.retired.append(adapter)
-
-
 def states(registry):
     return {e.name: (e.state, e.path.name, e.served_pairs) for e in registry.entries()}
 
@@ -77,7 +63,7 @@ def tiers(registry):
 
 @pytest.fixture
 def parts():
-    loader, residency = FakeLoader(), FakeResidency()
+    loader, residency = FakeLoader(), FakeDevice()
     registry = AdapterRegistry(loader, residency, max_host=2)
     yield registry, loader, residency
     registry.close()
@@ -172,7 +158,7 @@ def test_a_broken_adapter_fails_its_request_and_is_retried_only_when_its_files_c
 
 
 def test_a_directory_added_after_start_up_is_found_on_first_request(tmp_path):
-    loader, residency = FakeLoader(), FakeResidency()
+    loader, residency = FakeLoader(), FakeDevice()
     registry = AdapterRegistry(loader, residency, roots=[tmp_path / "first", tmp_path / "second"])
     (tmp_path / "first").mkdir()
     registry.discover(tmp_path / "first")
@@ -235,7 +221,7 @@ def test_discover_records_invalid_metadata_and_skips_bad_names(parts, tmp_path):
     registry.discover(tmp_path)
     assert states(registry) == {"broken": (AdapterState.FAILED, "broken", 0), "good": (AdapterState.KNOWN, "good", 0)}
     assert "metadata.json" in registry.entry("broken").error
-    assert registry.ready_names() == ["good"]
+    assert registry.servable_names() == ["good"]
     with pytest.raises(AdapterInvalid):
         registry.lease(["broken"])
 

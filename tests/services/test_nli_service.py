@@ -15,6 +15,7 @@ from app.errors import AdapterNotFound, InvalidInput, Overloaded, ServiceError
 from app.services.adapter_registry import AdapterRegistry
 from app.services.metrics import Metrics
 from app.services.nli import NLIService, PairInput
+from tests.services.fakes import FakeDevice
 
 MAX_TEXT_CHARS = 20
 MAX_PAIRS = 3
@@ -42,18 +43,6 @@ class FakeLoader:
     def read_adapter(self, name: str, path: Path, labels=None) -> FakeAdapter:
         return FakeAdapter(name, path, LABELS[name])
 
-    load_adapter = read_adapter  # the registry's older name for the same call
-
-
-class FakeResidency:
-    def is_resident(self, adapter) -> bool:
-        return False
-
-    def is_pinned(self, name: str) -> bool:
-        return False
-
-    def retire(self, adapter) -> None:
-        pass
 
 
 class FakeBatcher:
@@ -84,7 +73,7 @@ def probabilities(position: int, width: int) -> list[float]:
 
 @pytest.fixture
 def registry(tmp_path) -> AdapterRegistry:
-    registry = AdapterRegistry(FakeLoader(), FakeResidency())
+    registry = AdapterRegistry(FakeLoader(), FakeDevice())
     for name in LABELS:
         registry.load(name, tmp_path / name)
     return registry

@@ -4,12 +4,12 @@ the RayService serves the same application as deploy/ray/serve.yaml. Nothing is 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import check_jsonschema
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -17,20 +17,11 @@ RAYSERVICE_SCHEMA = K8S / "schemas" / "rayservice-v1.schema.json"
 PVC_SCHEMA = K8S / "schemas" / "persistentvolumeclaim-v1.schema.json"
 
 
-def _check(schema: Path, document: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--schemafile", str(schema), str(document)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize(
     ("schema", "manifest"), [(RAYSERVICE_SCHEMA, "rayservice.yaml"), (PVC_SCHEMA, "adapters-pvc.yaml")]
 )
 def test_manifest_is_valid(schema, manifest):
-    result = _check(schema, K8S / manifest)
+    result = check_jsonschema(schema, K8S / manifest)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -68,7 +59,7 @@ def test_a_broken_rayservice_is_refused(tmp_path, path, value):
     document = _broken(yaml.safe_load((K8S / "rayservice.yaml").read_text()), path, value)
     broken = tmp_path / "rayservice.yaml"
     broken.write_text(yaml.safe_dump(document))
-    assert _check(RAYSERVICE_SCHEMA, broken).returncode == 1
+    assert check_jsonschema(RAYSERVICE_SCHEMA, broken).returncode == 1
 
 
 def test_rayservice_serves_the_serve_yaml_application_on_gpu_workers_with_adapters_on_the_claim():

@@ -52,7 +52,8 @@ FRAUD_MODEL = "fraud"
 FRAUD_FEATURES = list(FraudRequest.model_fields)
 NLI_INPUTS = ("premise", "hypothesis")
 # Triton's repository states.
-REPOSITORY_STATES = {"ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE"}
+# An adapter known on disk serves on its first request (it loads then): READY for the protocol too.
+REPOSITORY_STATES = {"known": "READY", "ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE"}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -205,9 +206,8 @@ async def get_model_ready(model_name: str, runtime: RuntimeDep) -> ModelReadyRes
         return ModelReadyResponse(name=FRAUD_MODEL, ready=True)
     _, adapters = _nli_part(runtime, model_name)
     info = adapters.describe(model_name)
-    if info.state != "ready":
-        reason = f": {info.error}" if info.error else ""
-        raise NotReady(f"model {model_name!r} is {info.state}{reason}")
+    if info.state == "failed":  # known, loading and ready adapters all answer requests
+        raise NotReady(f"model {model_name!r} failed to load: {info.error}")
     return ModelReadyResponse(name=model_name, ready=True)
 
 
@@ -359,8 +359,7 @@ async def load_model(model_name: str, request: Request, service: AdminAdapterSer
     body: RepositoryLoadRequest = parse_body(await request.body(), RepositoryLoadRequest)
     parameters = body.parameters
     path = parameters.path if parameters and parameters.path else model_name
-    labels = parameters.labels if parameters else None
-    info = await (service.load(model_name, path, labels=labels) if labels else service.load(model_name, path))
+    info = await service.load(model_name, path, parameters.labels if parameters else None)
     return _repository_entry(info.name, info.state, info.error)
 
 
