@@ -16,7 +16,8 @@ class BaseModelInfo(BaseModel):
 
 class AdapterCounts(BaseModel):
     known: int = Field(description="Adapters in the registry, whatever their state.")
-    ready: int = Field(description="Adapters that can serve now.")
+    ready: int = Field(description="Adapters that can serve (known on disk, loading or loaded; not failed).")
+    by_tier: dict[str, int] = Field(description="Adapters by the fastest tier holding them: disk, host, device.")
     default: str | None = Field(description="The adapter a request that names none uses.")
 
 

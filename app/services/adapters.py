@@ -59,6 +59,7 @@ class AdapterService:
 
     def _info(self, entry: AdapterEntry) -> AdapterInfo:
         adapter, summary = entry.adapter, entry.summary
+        tier = self._registry.tier(entry)
         return AdapterInfo(
             name=entry.name,
             task=adapter.task if adapter else summary.task,
@@ -68,8 +69,8 @@ class AdapterService:
             target_modules=list(adapter.target_modules if adapter else summary.target_modules),
             size_bytes=adapter.size_bytes if adapter else summary.size_bytes,
             state=entry.state.value,
-            tier=self._registry.tier(entry),
-            resident=self._registry.tier(entry) == "device",
+            tier=tier,
+            resident=tier == "device",
             pinned=self._registry.is_pinned(entry.name),
             version=entry.version,
             requests=entry.served_pairs,
@@ -109,7 +110,9 @@ class AdapterService:
         try:
             candidate = Path(raw).expanduser()
             if not candidate.is_absolute():
-                candidate = self.roots[0] / candidate
+                # Relative to each root in order (LORASWAP_ADAPTERS_DIR first): the first that has it.
+                tries = [root / candidate for root in self.roots]
+                candidate = next((t for t in tries if t.exists()), tries[0])
             resolved = candidate.resolve()
         except (RuntimeError, OSError, ValueError):  # an unknown ~user, a symlink loop
             raise PathNotAllowed(

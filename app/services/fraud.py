@@ -56,6 +56,11 @@ class FraudService:
         self._max_batch = max_batch_transactions
         self._metrics = metrics
 
+    @property
+    def ready(self) -> bool:
+        """Whether a model is loaded (the v2 protocol and /info report it per model)."""
+        return self._scorer is not None
+
     async def score(self, transactions: Sequence[Mapping[str, float]]) -> FraudScores:
         """Scores 1..max_batch_transactions transactions in one call to the model, in a worker thread."""
         max_batch = self._max_batch

@@ -25,7 +25,8 @@ def test_info_describes_the_loaded_base_adapters_and_limits(embedded_adapters):
     assert body["base"]["fingerprint"].startswith("sha256:")
     assert body["adapters"] == {
         "known": len(listed),
-        "ready": sum(a["state"] == "ready" for a in listed),
+        "ready": sum(a["state"] != "failed" for a in listed),  # known on disk serves too (loads on first use)
+        "by_tier": {tier: sum(a["tier"] == tier for a in listed) for tier in ("disk", "host", "device")},
         "default": "alpha",
     }
     assert body["adapters"]["ready"] == 3

@@ -139,6 +139,10 @@ def test_playground_in_headless_chromium(live_server, embedded_adapters):
             assert len(reasons) == 1 and reasons[0].startswith("V1, V2, ") and "Amount: " in reasons[0]
 
             # Adapter management: the table shows each adapter's tier (or state), unload and load send the token.
+            # Tiers change with traffic (the batch above loaded gamma): refresh the table, then compare.
+            with page.expect_response(lambda r: r.url.endswith("/adapters") and r.request.method == "GET"):
+                page.click("#refresh-adapters")
+            page.wait_for_load_state("networkidle")
             listed = page.evaluate("fetch('/adapters').then((r) => r.json())")["adapters"]
             column = "tier" if "tier" in listed[0] else "state"
             assert column in page.inner_text("#adapter-table tr >> nth=0")

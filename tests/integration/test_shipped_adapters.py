@@ -39,8 +39,9 @@ def test_service_is_ready_with_the_three_shipped_adapters(client):
     adapters = {a["name"]: a for a in client.get("/adapters").json()["adapters"]}
     assert set(SHIPPED) <= set(adapters)
     for name in SHIPPED:
-        # The default adapter is loaded at start-up; the others are known from their files until first use.
-        assert adapters[name]["state"] == ("ready" if name == "mnli" else "known")
+        # The default adapter is loaded at start-up; the others are known from their files until their
+        # first use (which another test of this module may already have made).
+        assert adapters[name]["state"] in (("ready",) if name == "mnli" else ("known", "ready"))
         assert adapters[name]["rank"] == 16 and adapters[name]["target_modules"] == ["query", "value"]
         assert adapters[name]["size_bytes"] < 5_000_000
     assert adapters["rte"]["labels"] == ["entailment", "not_entailment"]

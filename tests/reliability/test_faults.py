@@ -141,7 +141,8 @@ def test_adapter_trained_on_another_base_is_refused(client, root, roberta_adapte
     assert "base" in response.json()["error"]["message"]
     record = client.get("/adapters/foreign").json()  # the refusal is on record, and nothing serves
     assert record["state"] == "failed" and record["error"]
-    assert nli(client, "foreign").status_code == 404
+    refused = nli(client, "foreign")  # a request for it is refused with the reason, not run
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "adapter_invalid"
     assert nli(client).status_code == 200
 
 
@@ -340,7 +341,7 @@ def test_client_that_disconnects_while_queued_is_dropped_before_the_model(client
         del engine.encode, engine.run
     assert status in (None, 499)  # nobody reads it; the server may end the exchange either way
     assert all("the client that left" not in batch for batch in seen), seen
-    assert engine.residency._in_use == {}  # its adapter reference was released
+    assert all(e.in_use == 0 for e in client.app.state.runtime.registry.entries())  # its lease was released
     assert nli(client, "beta").status_code == 200
     figures("disconnected_while_queued_reached_model", False)
 

@@ -36,7 +36,8 @@ async def get_info(request: Request, runtime: RuntimeDep) -> InfoResponse:
         base=base,
         adapters=AdapterCounts(
             known=len(adapters),
-            ready=sum(a.state == "ready" for a in adapters),
+            ready=sum(a.state != "failed" for a in adapters),
+            by_tier={tier: sum(a.tier == tier for a in adapters) for tier in ("disk", "host", "device")},
             default=settings.default_adapter,
         ),
         fraud=FraudInfo(enabled=settings.fraud_enabled, ready=fraud is not None and fraud.ready),
