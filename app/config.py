@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +130,15 @@ class Settings(BaseSettings):
         if level not in {"debug", "info", "warning", "error"}:
             raise ValueError("log_level must be debug, info, warning or error")
         return level
+
+    @model_validator(mode="after")
+    def _a_slot_left_for_the_rest(self) -> Settings:
+        if len(self.pinned_adapters) >= self.max_resident_adapters:
+            raise ValueError(
+                f"{len(self.pinned_adapters)} pinned adapters (LORASWAP_PINNED_ADAPTERS) leave no free device slot "
+                f"of LORASWAP_MAX_RESIDENT_ADAPTERS={self.max_resident_adapters}"
+            )
+        return self
 
     def all_adapter_roots(self) -> list[Path]:
         """The directories adapters may be loaded from, resolved, `adapters_dir` first."""

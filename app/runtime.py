@@ -101,14 +101,6 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
     from app.services.nli import NLIService
 
     metrics, readiness = runtime.metrics, runtime.readiness
-    if len(settings.pinned_adapters) >= settings.max_resident_adapters:
-        reason = (
-            f"{len(settings.pinned_adapters)} pinned adapters leave no free slot of "
-            f"LORASWAP_MAX_RESIDENT_ADAPTERS={settings.max_resident_adapters}"
-        )
-        logger.error("NLI not served: %s", reason)
-        readiness.set_failed("nli", reason)
-        return
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     try:
         spec = resolve_base(settings.base_model, random_init=settings.base_random_init, seed=settings.base_random_seed)
@@ -124,6 +116,7 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
         logger.error("NLI base %s not served: %s", settings.base_model, exc)
         readiness.set_failed("nli", f"base model {settings.base_model!r} failed to load: {exc}")
         return
+
     def retire(adapter) -> None:
         # Unloaded, replaced or evicted from the host: its slot is freed by the engine's worker.
         engine.slots.retire(adapter)
@@ -170,7 +163,7 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
     runtime.adapter_service = AdapterService(
         registry, roots=settings.all_adapter_roots(), admin_token=settings.admin_token, metrics=metrics
     )
-    readiness.set_check("nli", _nli_readiness(registry, settings.default_adapter))
+    readiness.set_check("nli", _nli_readiness(registry, batcher, settings.default_adapter))
 
 
 def _preload(registry: AdapterRegistry, names: list[str | None]):
@@ -199,16 +192,18 @@ def _tier_counts(registry: AdapterRegistry) -> dict[str, int]:
     return counts
 
 
-def _nli_readiness(registry: AdapterRegistry, default: str | None):
-    """Ready when the default adapter can serve; with no default configured, as soon as the base is
-    loaded (adapters then come and go by PUT and DELETE, and requests name theirs)."""
+def _nli_readiness(registry: AdapterRegistry, batcher: Batcher, default: str | None):
+    """Ready while the batch worker runs and the default adapter can serve; with no default configured,
+    as soon as the base is loaded (adapters then come and go by PUT and DELETE, and requests name theirs)."""
 
     def check() -> str | None:
+        if not batcher.alive:
+            return "the batch worker has stopped"
         if default is None:
             return None
-        ready = registry.ready_names()
-        if default in ready:
+        servable = registry.servable_names()
+        if default in servable:
             return None
-        return f"default adapter {default!r} is not loaded (ready: {', '.join(ready) or 'none'})"
+        return f"default adapter {default!r} cannot serve (servable: {', '.join(servable[:20]) or 'none'})"
 
     return check

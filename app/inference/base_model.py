@@ -10,11 +10,14 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging as transformers_logging
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -109,15 +112,30 @@ def build_classifier(spec: BaseSpec, num_labels: int, *, head_seed: int = 0) -> 
         try:
             # A checkpoint may carry a head of its own (of any size): the encoder is what we want.
             # safetensors only: a base shipped as pytorch_model.bin (pickle) is refused, not unpickled.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                spec.source, config=config, ignore_mismatched_sizes=True, use_safetensors=True
-            )
+            with _quiet_loading():
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    spec.source, config=config, ignore_mismatched_sizes=True, use_safetensors=True
+                )
         except OSError as exc:
             raise BaseModelError(f"cannot load the weights of base {spec.name!r}: {exc}") from exc
     # Every head starts from the same seeded init, whatever the checkpoint held.
     torch.manual_seed(head_seed)
     _reset_head(model)
     return model
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers prints a progress bar and a load report (the head is MISSING: it always is, we
+    build heads per adapter) outside our JSON logs; silence both while the base loads."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
 
 
 def _reset_head(model: PreTrainedModel) -> None:

@@ -99,6 +99,11 @@ class Batcher:
             self._thread.join(timeout_s)
 
     @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (readiness turns false if it ever ends unasked)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def pending_pairs(self) -> int:
         """Pairs admitted and not yet taken by the worker (queued, or waiting for their adapter)."""
         with self._cond:
@@ -192,6 +197,8 @@ class Batcher:
                     self._process(window)
                 else:
                     self.engine.free_retired()
+            except Exception:  # never let housekeeping end the one thread that answers requests
+                logger.exception("batch worker round failed")
             finally:
                 with self._cond:
                     self._in_flight = 0

@@ -289,3 +289,20 @@ def test_estimated_wait_over_the_bound_is_refused_up_front():
     assert refused.details["estimated_wait_ms"] == 80 and refused.retry_after_s >= 1
     assert len(accepted) == 8
     assert batcher.pairs_per_s is not None and batcher.pairs_per_s > 0
+
+
+def test_a_failing_housekeeping_round_does_not_end_the_worker_and_alive_says_so():
+    engine = FakeEngine()
+
+    def broken_free():
+        engine.freed.set()
+        raise RuntimeError("injected")
+
+    engine.free_retired = broken_free
+    batcher = make(engine, max_batch_pairs=1)
+    batcher.request_maintenance()
+    assert engine.freed.wait(5)
+    assert asyncio.run(batcher.submit(["ab"], ["h"], [A])) == [[2.0, 1.0]]  # still answering
+    assert batcher.alive
+    batcher.stop()
+    assert not batcher.alive

@@ -12,6 +12,7 @@ import pytest
 from app.errors import ServiceError
 from app.services.adapter_registry import AdapterRegistry
 from app.services.adapters import AdapterService
+from tests.services.fakes import FakeDevice
 
 TOKEN = "s3cret-token"
 
@@ -22,22 +23,10 @@ class NoLoader:
     def read_adapter(self, *args, **kwargs):
         raise AssertionError("the guards must not load an adapter")
 
-    load_adapter = read_adapter  # the registry's older name for the same call
-
-
-class NoResidency:
-    def is_resident(self, adapter) -> bool:
-        return False
-
-    def is_pinned(self, name: str) -> bool:
-        return False
-
-    def retire(self, adapter) -> None:
-        pass
 
 
 def service(roots: list[Path], admin_token: str | None = None) -> AdapterService:
-    return AdapterService(AdapterRegistry(NoLoader(), NoResidency()), roots=roots, admin_token=admin_token)
+    return AdapterService(AdapterRegistry(NoLoader(), FakeDevice()), roots=roots, admin_token=admin_token)
 
 
 def outcome(call) -> str:
@@ -120,6 +109,7 @@ RESOLVE = [
     ("relative, inside", "good", "root/good"),
     ("absolute, inside", "{root}/good", "root/good"),
     ("nested", "nested/deep", "root/nested/deep"),
+    ("relative, found under the second root", "other", "second/other"),
     ("dot segments that stay inside", "nested/../good", "root/good"),
     ("not there yet (the loader says so)", "missing", "root/missing"),
     ("symlink that stays inside", "link-in", "root/good"),
