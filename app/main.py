@@ -11,6 +11,7 @@ from functools import partial
 import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Mount
 from fastapi_offline import FastAPIOffline
 
 from app.api.errors import install_error_handlers
@@ -39,6 +40,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(runtime.close)
 
 
+def route_templates(app: FastAPI) -> list[str]:
+    """Every path template the app serves: the documented operations and the rest (docs, mounts)."""
+    documented = list(app.openapi().get("paths", {}))
+    others = [
+        route.path + "/{path:path}" if isinstance(route, Mount) else route.path
+        for route in app.routes
+        if getattr(route, "path", None)
+    ]
+    return documented + others
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # FastAPIOffline serves /docs and /redoc from assets inside the package: no CDN.
@@ -62,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, templates=lambda: route_templates(app))
     return app
 
 

@@ -148,9 +148,9 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
         observer=metrics,
     )
     batcher.start()
-    metrics.watch_queue(lambda: batcher.pending_pairs)
+    metrics.watch_queue(batcher.activity, max_lora=engine.slots.max_distinct_per_batch)
     metrics.watch_residency(engine.slots.counters)
-    metrics.watch_tiers(lambda: _tier_counts(registry))
+    metrics.watch_tiers(lambda: [(entry.name, registry.tier(entry)) for entry in registry.entries()])
     runtime.engine, runtime.registry, runtime.batcher = engine, registry, batcher
     runtime.nli_service = NLIService(
         registry,
@@ -183,13 +183,6 @@ def _preload(registry: AdapterRegistry, names: list[str | None]):
         finally:
             lease.release()
     return warm
-
-
-def _tier_counts(registry: AdapterRegistry) -> dict[str, int]:
-    counts = {"disk": 0, "host": 0, "device": 0}
-    for entry in registry.entries():
-        counts[registry.tier(entry)] += 1
-    return counts
 
 
 def _nli_readiness(registry: AdapterRegistry, batcher: Batcher, default: str | None):

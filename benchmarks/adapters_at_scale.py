@@ -224,7 +224,7 @@ def probe(client: httpx.Client, scenario: Scenario, url: str) -> dict:
     return {
         "listing": summarize_listing(listing),
         "metrics": parse_adapter_metrics(metrics.text) if metrics.status_code == 200 else {},
-        "batch_sizes": scrape_histogram(client, "loraswap_batch_size", base_url=url),
+        "batch_sizes": scrape_histogram(client, "loraswap_batch_size_pairs", base_url=url),
     }
 
 

@@ -143,7 +143,7 @@ def slices(plan: list, rounds: int) -> list[list]:
 
 
 def scrape_histogram_at(client: httpx.Client, url: str) -> dict | None:
-    return scrape_histogram(client, "loraswap_batch_size", base_url=url)
+    return scrape_histogram(client, "loraswap_batch_size_pairs", base_url=url)
 
 
 async def measure(servers: dict[str, ServerProcess], plans: dict[str, tuple[list, list]], limit, args) -> dict:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import request_id_var
@@ -99,9 +102,25 @@ class RequestContextMiddleware:
     the request in the metrics, labelled by the route's template (never the raw path, which would let
     callers create unbounded label values)."""
 
-    def __init__(self, app: ASGIApp, metrics):
+    def __init__(self, app: ASGIApp, metrics, templates: Callable[[], list[str]] | None = None):
         self.app = app
         self.metrics = metrics
+        self._template_source = templates
+        self._patterns: list[tuple[re.Pattern, str]] | None = None
+
+    def _template(self, scope: Scope, path: str) -> str:
+        """The matched route's template; for what never reached routing (a 413 from the body limit,
+        /openapi.json, static files) the template the path belongs to, never the raw path."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        if self._patterns is None:  # built on first use: every route is registered by then
+            templates = self._template_source() if self._template_source else []
+            self._patterns = [(compile_path(t)[0], t) for t in sorted(templates, key=len, reverse=True)]
+        for pattern, template in self._patterns:
+            if pattern.match(path):
+                return template
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,6 +133,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
+        path = scope.get("path", "")
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -128,7 +148,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            template = self._template(scope, path)
             method = scope.get("method", "GET")
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.latency.labels(template, method).observe(elapsed)

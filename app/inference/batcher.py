@@ -34,6 +34,16 @@ class _Item:
         return not self.cancelled and not self.future.cancelled()
 
 
+@dataclass(frozen=True)
+class QueueActivity:
+    """What the queue holds now, for routers that pick a replica by it (read at scrape time)."""
+
+    waiting_pairs: int  # admitted and not yet taken by the worker (queued, or waiting for their adapter)
+    running_pairs: int  # taken by the worker and not yet answered
+    waiting_adapters: tuple[str, ...]
+    running_adapters: tuple[str, ...]
+
+
 class BatchObserver(Protocol):
     """Told about every batch (from the worker thread): the metrics implement it."""
 
@@ -77,6 +87,7 @@ class Batcher:
         self.pairs_per_s: float | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=32)
         self._in_flight = 0  # pairs taken by the worker and not yet answered
+        self._running_adapters: tuple[str, ...] = ()
         self._loading = 0  # pairs admitted and waiting for their adapters to load
         self._batches = 0
         self._maintenance = False
@@ -102,6 +113,15 @@ class Batcher:
     def alive(self) -> bool:
         """Whether the worker thread runs (readiness turns false if it ever ends unasked)."""
         return self._thread is not None and self._thread.is_alive()
+
+    def activity(self) -> QueueActivity:
+        with self._cond:
+            return QueueActivity(
+                waiting_pairs=len(self._pending) + self._loading,
+                running_pairs=self._in_flight,
+                waiting_adapters=tuple(sorted({item.adapter.name for item in self._pending})),
+                running_adapters=self._running_adapters,
+            )
 
     @property
     def pending_pairs(self) -> int:
@@ -202,6 +222,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self._in_flight = 0
+                    self._running_adapters = ()
 
     def _collect(self) -> list[_Item] | None:
         """Wait for work, give latecomers `max_wait_ms` to join, then take what is queued (bounded).
@@ -226,6 +247,7 @@ class Batcher:
             take = min(len(self._pending), self.max_batch_pairs * 4)
             window = [self._pending.popleft() for _ in range(take)]
             self._in_flight = len(window)
+            self._running_adapters = tuple(sorted({item.adapter.name for item in window}))
             return [item for item in window if item.live()]
 
     def _process(self, items: list[_Item]) -> None:

@@ -2,39 +2,79 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+# Counters and histograms get no `*_created` series: nobody graphs them and they double every family.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+class QueueView(Protocol):
+    """What the batcher reports (app.inference.batcher.QueueActivity)."""
+
+    waiting_pairs: int
+    running_pairs: int
+    waiting_adapters: tuple[str, ...]
+    running_adapters: tuple[str, ...]
+
+
 class _StateCollector(Collector):
-    """Values read from the live components at scrape time (queue depth, residency counters)."""
+    """Values read from the live components at scrape time (queue, residency counters, tiers)."""
 
     def __init__(self) -> None:
-        self.queue_depth: Callable[[], int] | None = None
+        self.queue: Callable[[], QueueView] | None = None
+        self.max_lora: int = 0  # device slots: adapters one batch may mix
         self.residency: Callable[[], tuple[int, int, int]] | None = None  # resident, moves in, evictions
-        self.tiers: Callable[[], dict[str, int]] | None = None  # adapters per tier (disk, host, device)
+        self.tiers: Callable[[], list[tuple[str, str]]] | None = None  # (adapter, tier) of every known adapter
 
     def collect(self) -> Iterable:
-        if self.queue_depth is not None:
-            yield GaugeMetricFamily("loraswap_queue_depth_pairs", "Pairs waiting in the batch queue.", self.queue_depth())
+        if self.queue is not None:
+            queue = self.queue()
+            yield GaugeMetricFamily(
+                "loraswap_queue_depth_pairs", "Pairs admitted and waiting (queued, or for their adapter to load).",
+                queue.waiting_pairs,
+            )
+            yield GaugeMetricFamily("loraswap_running_pairs", "Pairs in the batches the engine is running.", queue.running_pairs)
+            # The shape of vLLM's lora_requests_info, which the Gateway API Inference Extension's endpoint
+            # picker reads for LoRA affinity; the value is the scrape time, as vLLM's is.
+            info = GaugeMetricFamily(
+                "loraswap_lora_requests_info",
+                "Adapters of running and waiting requests, and how many one batch may mix.",
+                labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            )
+            info.add_metric(
+                [",".join(queue.running_adapters), ",".join(queue.waiting_adapters), str(self.max_lora)], time.time()
+            )
+            yield info
         if self.residency is not None:
             resident, moves, evictions = self.residency()
             yield GaugeMetricFamily("loraswap_resident_adapters", "Adapters on the device now.", resident)
             yield CounterMetricFamily("loraswap_adapter_moves", "Adapters moved onto the device.", moves)
             yield CounterMetricFamily("loraswap_adapter_evictions", "Adapters evicted from the device.", evictions)
         if self.tiers is not None:
-            family = GaugeMetricFamily(
+            placed = self.tiers()
+            counts = GaugeMetricFamily(
                 "loraswap_adapters", "Known adapters by the fastest tier holding them.", labels=["tier"]
             )
-            for tier, count in self.tiers().items():
-                family.add_metric([tier], count)
-            yield family
+            for tier in ("disk", "host", "device"):
+                counts.add_metric([tier], sum(t == tier for _, t in placed))
+            yield counts
+            # Only adapters held in memory: bounded by the host tier's size, never by the number on disk.
+            held = GaugeMetricFamily(
+                "loraswap_adapter_held", "1 for each adapter held in host memory or on the device.", labels=["adapter", "tier"]
+            )
+            for name, tier in placed:
+                if tier != "disk":
+                    held.add_metric([name, tier], 1)
+            yield held
 
 
 class Metrics:
@@ -44,6 +84,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.state = _StateCollector()
         self.registry.register(self.state)
+        # process_resident_memory_bytes and friends: memory is what the adapter tiers are about.
+        ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "loraswap_http_requests", "HTTP requests by route and status.", ["route", "method", "status"],
             registry=self.registry,
@@ -61,7 +103,7 @@ class Metrics:
             ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
-            "loraswap_batch_size", "Pairs per forward pass.", buckets=BATCH_BUCKETS, registry=self.registry
+            "loraswap_batch_size_pairs", "Pairs per forward pass.", buckets=BATCH_BUCKETS, registry=self.registry
         )
         self.queue_wait = Histogram(
             "loraswap_queue_wait_seconds", "Time a pair waited in the queue before its forward pass.",
@@ -93,14 +135,14 @@ class Metrics:
         )
 
     # -- live values read at scrape time ---------------------------------------------------------------
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        self.state.queue_depth = depth
+    def watch_queue(self, activity: Callable[[], QueueView], max_lora: int) -> None:
+        self.state.queue, self.state.max_lora = activity, max_lora
 
     def watch_residency(self, counters: Callable[[], tuple[int, int, int]]) -> None:
         self.state.residency = counters
 
-    def watch_tiers(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.state.tiers = counts
+    def watch_tiers(self, placed: Callable[[], list[tuple[str, str]]]) -> None:
+        self.state.tiers = placed
 
     # -- observers (any thread; prometheus_client is thread-safe) --------------------------------------
     def observe_adapter_load(self, outcome: str, seconds: float | None) -> None:

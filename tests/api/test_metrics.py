@@ -25,8 +25,8 @@ def test_metrics_after_traffic(embedded_adapters):
         assert client.get("/adapters/nope").status_code == 404
         text = client.get("/metrics").text
     assert value(text, 'loraswap_nli_pairs_total{adapter="alpha",outcome="ok"}') == 3
-    assert value(text, "loraswap_batch_size_count") >= 1
-    assert value(text, "loraswap_batch_size_sum") == 3
+    assert value(text, "loraswap_batch_size_pairs_count") >= 1
+    assert value(text, "loraswap_batch_size_pairs_sum") == 3
     assert value(text, "loraswap_queue_wait_seconds_count") == 3
     assert value(text, 'loraswap_http_requests_total{method="POST",route="/nli",status="200"}') == 3
     assert value(text, 'loraswap_http_requests_total{method="POST",route="/nli",status="404"}') == 1
@@ -34,3 +34,18 @@ def test_metrics_after_traffic(embedded_adapters):
     assert value(text, 'loraswap_http_requests_total{method="GET",route="/adapters/{name}",status="404"}') == 1
     assert value(text, "loraswap_queue_depth_pairs") == 0
     assert value(text, "loraswap_resident_adapters") >= 1
+
+
+def test_requests_that_never_reach_a_route_are_labelled_by_the_path_they_belong_to(embedded_adapters):
+    settings = Settings(fraud_enabled=False, adapters_dir=embedded_adapters, default_adapter="alpha", max_request_bytes=1024)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/static/favicon.svg").status_code == 200
+        too_big = client.post("/nli", content=b"x" * 4096, headers={"content-type": "application/json"})
+        assert too_big.status_code == 413
+        assert client.get("/nli/no/such/thing").status_code == 404
+        text = client.get("/metrics").text
+    assert value(text, 'loraswap_http_requests_total{method="GET",route="/openapi.json",status="200"}') == 1
+    assert value(text, 'loraswap_http_requests_total{method="GET",route="/static/{path:path}",status="200"}') == 1
+    assert value(text, 'loraswap_http_requests_total{method="POST",route="/nli",status="413"}') == 1
+    assert value(text, 'loraswap_http_requests_total{method="GET",route="unmatched",status="404"}') == 1

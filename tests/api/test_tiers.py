@@ -90,7 +90,8 @@ def test_concurrent_first_requests_load_once(root):
     with TestClient(create_app(settings_for(root))) as client:
         with ThreadPoolExecutor(max_workers=6) as pool:
             answers = list(pool.map(lambda _: nli(client, "gamma").json()["scores"], range(6)))
-        assert all(a == answers[0] for a in answers)
+        # The same pair, batched differently from run to run: equal up to float summation order.
+        assert all(abs(a[k] - answers[0][k]) < 1e-5 for a in answers for k in a), answers
         assert client.get("/adapters/gamma").json()["loads"] == 1
 
 
@@ -108,3 +109,4 @@ def test_delete_frees_host_and_device_memory(root):
         assert runtime.registry.host_count() == hosts - 1
         assert runtime.engine.slots.bytes_held() < device_bytes  # its slot's head is gone
         assert runtime.engine.slots.counters()[0] == 1  # only alpha in a slot
+

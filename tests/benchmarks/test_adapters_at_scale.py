@@ -112,7 +112,7 @@ def metrics_page(moves: int, evictions: int, loads: int, fast_loads: int, load_s
         f'loraswap_adapter_load_seconds_bucket{{le="0.01"}} {fast_loads}.0',
         f"loraswap_adapter_load_seconds_count {loads}.0",
         f"loraswap_adapter_load_seconds_sum {load_s}",
-        "loraswap_batch_size_count 4.0",
+        "loraswap_batch_size_pairs_count 4.0",
     ]) + "\n"
 
 

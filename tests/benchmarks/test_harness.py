@@ -17,21 +17,21 @@ from benchmarks.serving import assemble_results, parse_args, slices
 from benchmarks.workload import build_plan, load_pairs
 
 SYSTEM_KEYS = {"throughput_pairs_s", "p50_ms", "p95_ms", "p99_ms", "errors", "requests"}
-METRICS_BEFORE = """# TYPE loraswap_batch_size histogram
-loraswap_batch_size_bucket{le="1.0"} 2.0
-loraswap_batch_size_bucket{le="2.0"} 2.0
-loraswap_batch_size_bucket{le="4.0"} 3.0
-loraswap_batch_size_bucket{le="+Inf"} 3.0
-loraswap_batch_size_count 3.0
-loraswap_batch_size_sum 5.0
+METRICS_BEFORE = """# TYPE loraswap_batch_size_pairs histogram
+loraswap_batch_size_pairs_bucket{le="1.0"} 2.0
+loraswap_batch_size_pairs_bucket{le="2.0"} 2.0
+loraswap_batch_size_pairs_bucket{le="4.0"} 3.0
+loraswap_batch_size_pairs_bucket{le="+Inf"} 3.0
+loraswap_batch_size_pairs_count 3.0
+loraswap_batch_size_pairs_sum 5.0
 """
-METRICS_AFTER = """# TYPE loraswap_batch_size histogram
-loraswap_batch_size_bucket{le="1.0"} 3.0
-loraswap_batch_size_bucket{le="2.0"} 4.0
-loraswap_batch_size_bucket{le="4.0"} 7.0
-loraswap_batch_size_bucket{le="+Inf"} 8.0
-loraswap_batch_size_count 8.0
-loraswap_batch_size_sum 30.0
+METRICS_AFTER = """# TYPE loraswap_batch_size_pairs histogram
+loraswap_batch_size_pairs_bucket{le="1.0"} 3.0
+loraswap_batch_size_pairs_bucket{le="2.0"} 4.0
+loraswap_batch_size_pairs_bucket{le="4.0"} 7.0
+loraswap_batch_size_pairs_bucket{le="+Inf"} 8.0
+loraswap_batch_size_pairs_count 8.0
+loraswap_batch_size_pairs_sum 30.0
 """
 
 
@@ -90,7 +90,7 @@ def test_batch_histogram_is_the_difference_of_two_scrapes():
     def scrape(text):
         transport = httpx.MockTransport(lambda request: httpx.Response(200, text=text))
         with httpx.Client(transport=transport, base_url="http://bench") as client:
-            return scrape_histogram(client, "loraswap_batch_size")
+            return scrape_histogram(client, "loraswap_batch_size_pairs")
 
     delta = histogram_delta(scrape(METRICS_BEFORE), scrape(METRICS_AFTER))
     assert delta == {"batches": 5, "mean": 5.0, "histogram": {"1": 1, "2": 1, "3-4": 2, ">4": 1}}
@@ -99,7 +99,7 @@ def test_batch_histogram_is_the_difference_of_two_scrapes():
 def test_no_metrics_endpoint_reads_as_missing():
     transport = httpx.MockTransport(lambda request: httpx.Response(404))
     with httpx.Client(transport=transport, base_url="http://bench") as client:
-        assert scrape_histogram(client, "loraswap_batch_size") is None
+        assert scrape_histogram(client, "loraswap_batch_size_pairs") is None
     assert histogram_delta(None, None) is None
 
 
