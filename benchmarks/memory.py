@@ -44,7 +44,8 @@ def settle_rss(pid: int, wait_s: float = 1.0) -> int:
 
 
 def measure_adapters(spec, base: str, random_init: bool, counts: list[int], args, work: Path, log_dir: Path) -> dict:
-    """Server RSS with K adapters loaded (each answered one request, so each is resident)."""
+    """Server RSS with K adapters loaded (each answered one request, so each is in a device slot; on
+    the CPU a slot is host memory too, beside the host tier's copy)."""
     from app.inference.base_model import build_classifier, fingerprint
     from benchmarks.adapter_sets import prepare_adapters
 
@@ -63,7 +64,9 @@ def measure_adapters(spec, base: str, random_init: bool, counts: list[int], args
         "LORASWAP_ADAPTERS_DIR": str(start),
         "LORASWAP_ADAPTER_ROOTS": json.dumps([str(adapters.root)]),
         "LORASWAP_DEFAULT_ADAPTER": first,
+        # Every adapter stays in both tiers: host memory (its validated weights) and a device slot.
         "LORASWAP_MAX_RESIDENT_ADAPTERS": str(max(counts) + 1),
+        "LORASWAP_MAX_HOST_ADAPTERS": str(max(counts) + 1),
     }
     rows = []
     sizes = {n: (adapters.path(n) / "adapter_model.safetensors").stat().st_size for n in adapters.names}
