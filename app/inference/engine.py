@@ -25,8 +25,10 @@ from app.inference.slots import DeviceSlots
 logger = logging.getLogger(__name__)
 
 # Batches mixing at most this many adapters run per-adapter segments at each adapter's own rank;
-# more run the gathered (BGMV) layout padded to the slots' maximum rank. Measured in docs/benchmarks.md.
-SEGMENTED_MAX_ADAPTERS = 4
+# more run the gathered (BGMV) layout padded to the slots' maximum rank. On the 2-core CPU segments were
+# as fast or 4-7% faster up to 16 adapters a batch, at slot ranks 16 and 64 (`python -m
+# benchmarks.lora_layouts`, docs/benchmarks.md); with the default 16 slots a batch never mixes more.
+SEGMENTED_MAX_ADAPTERS = 16
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ class NLIEngine:
         return probabilities  # type: ignore[return-value]
 
     def free_retired(self) -> int:
-        """Empty the slots of unloaded or replaced adapters (worker thread)."""
+        """Empty the slots of unloaded, replaced or evicted adapters (worker thread)."""
         return self.slots.free_retired()
 
     def _pad(self, pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:

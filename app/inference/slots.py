@@ -132,12 +132,20 @@ class DeviceSlots:
             a_buffer, b_buffer = self._buffers(module)
             a_buffer[slot, : adapter.rank].copy_(a, non_blocking=non_blocking)
             b_buffer[slot, :, : adapter.rank].copy_(adapter.b[module], non_blocking=non_blocking)
-        self.heads[slot] = copy.deepcopy(adapter.head).to(self.device, self.dtype)
+        self.heads[slot] = self._device_head(adapter.head)
         self.modules[slot] = frozenset(adapter.a)
         with self._lock:
             self._slot_of[adapter] = slot
             self.moves_in += 1
         logger.debug("adapter %s moved into slot %d", adapter.name, slot)
+
+    def _device_head(self, head: nn.Module) -> nn.Module:
+        """The head on the device. Heads are frozen and only read, so where the host copy already has the
+        device's dtype (the CPU in fp32) the slot shares it instead of holding a second copy."""
+        parameter = next(head.parameters(), None)
+        if parameter is not None and parameter.device == self.device and parameter.dtype == self.dtype:
+            return head
+        return copy.deepcopy(head).to(self.device, self.dtype)
 
     def _clear(self, slot: int) -> None:
         # Zeroed so that the padded (gathered) layout reads exact zeros past an adapter's rank.
