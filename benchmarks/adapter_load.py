@@ -14,11 +14,9 @@ import json
 import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -201,15 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     big = [r for r in results["bases"] if "roberta-large" in r["base"]]
     results["target_put_ms"] = TARGET_PUT_MS
     results["target_put_met"] = big[0]["put_round_trip"]["median_ms"] < TARGET_PUT_MS if big else None
-    results.update(
-        machine=description,
-        load_average_after=machine.load_average(),
-        command="python -m benchmarks.adapter_load " + " ".join(sys.argv[1:] if argv is None else argv),
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    (args.out / "adapter_load.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "adapter_load.md").write_text(markdown(results), encoding="utf-8")
-    print(markdown(results))
+    results.update(machine.run_record(description, "benchmarks.adapter_load", argv))
+    machine.write_results(args.out, "adapter_load", results, markdown)
     return results
 
 

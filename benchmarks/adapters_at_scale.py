@@ -20,14 +20,12 @@ import argparse
 import asyncio
 import logging
 import re
-import shlex
 import sys
 import tempfile
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -475,11 +473,8 @@ def assemble_results(args, scenarios: list[Scenario], started: dict, measured: d
             for rank in args.ranks for law in ("zipf", "uniform")
             if f"loraswap-r{rank}-{law}" in throughput and f"peft_lru-r{rank}-{law}" in throughput
         },
-        "machine": description,
-        "load_average_after": machine.load_average(),
         "wall_s": round(wall_s, 1),
-        "command": "python -m benchmarks.adapters_at_scale " + shlex.join(argv),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **machine.run_record(description, "benchmarks.adapters_at_scale", argv),
     }
     results["targets"] = check_targets(results)
     return results

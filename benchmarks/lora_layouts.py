@@ -11,13 +11,10 @@ both layouts are forced (0: always gathered, 99: always segmented) on the same b
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks import machine
@@ -150,14 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_threshold": SEGMENTED_MAX_ADAPTERS,
         "threshold_by_max_rank": {r: best_threshold([row for row in rows if row["max_rank"] == r]) for r in max_ranks},
         "rows": rows,
-        "machine": description,
-        "load_average_after": machine.load_average(),
-        "command": "python -m benchmarks.lora_layouts " + " ".join(sys.argv[1:] if argv is None else argv),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **machine.run_record(description, "benchmarks.lora_layouts", argv),
     }
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "results.md").write_text(markdown(results), encoding="utf-8")
-    print(markdown(results))
+    machine.write_results(args.out, "results", results, markdown)
     return results
 
 

@@ -1,11 +1,17 @@
-"""Describe the machine a run used (CPU, cores, load, busiest other processes, versions)."""
+"""Describe the machine a run used (CPU, cores, load, busiest other processes, versions), and end each
+run's results the same way (that description, the command, where the files go)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import shlex
+import sys
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -75,3 +81,23 @@ def describe(device: str = "cpu") -> dict:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def run_record(description: dict, module: str, argv: list[str] | None) -> dict:
+    """What every results file ends with: the machine as it was before, the load after, the exact
+    command (`argv` None: this process's own arguments) and when it finished."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return {
+        "machine": description,
+        "load_average_after": load_average(),
+        "command": f"python -m {module} " + shlex.join(arguments),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(out: Path, stem: str, results: dict, render: Callable[[dict], str]) -> None:
+    """`<stem>.json` and `<stem>.md` under `out`, and the markdown on stdout."""
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    text = render(results)
+    (out / f"{stem}.md").write_text(text, encoding="utf-8")
+    print(text)

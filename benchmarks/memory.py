@@ -15,11 +15,9 @@ import logging
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 from queue import Empty
 
@@ -249,14 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         "adapters_part": adapter_part,
         "full_part": full_part,
         "table": combine(adapter_part, full_part, full_part["disk_bytes_per_copy"]),
-        "machine": description,
-        "load_average_after": machine.load_average(),
-        "command": "python -m benchmarks.memory " + " ".join(sys.argv[1:] if argv is None else argv),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **machine.run_record(description, "benchmarks.memory", argv),
     }
-    (args.out / "memory.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "memory.md").write_text(markdown(results), encoding="utf-8")
-    print(markdown(results))
+    machine.write_results(args.out, "memory", results, markdown)
     return results
 
 

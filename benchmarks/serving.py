@@ -20,12 +20,10 @@ import asyncio
 import json
 import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -256,11 +254,8 @@ def assemble_results(
         "ratio_vs_naive": ratio(loraswap, systems.get("naive_peft", {}).get("throughput_pairs_s")),
         "ratio_vs_merged": ratio(loraswap, systems.get("merged", {}).get("throughput_pairs_s")),
         "ratio_vs_limit": ratio(loraswap, limit_pairs_s),
-        "machine": description,
-        "load_average_after": machine.load_average(),
         "wall_s": round(wall_s, 1),
-        "command": "python -m benchmarks.serving " + shlex.join(argv),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **machine.run_record(description, "benchmarks.serving", argv),
     }
 
 
