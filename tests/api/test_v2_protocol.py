@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
 from app.main import create_app
-from tests.reliability.conftest import SHIPPED_FRAUD, asgi_call
+from tests.reliability.conftest import asgi_call, settings_for
 
 PREMISES = ["A man is playing a guitar on stage.", "Two dogs run in a park.", "The café is closed."]
 HYPOTHESES = ["A person is making music.", "Animals are moving.", "The café is open."]
@@ -26,20 +25,6 @@ TRANSACTIONS = [
     [10.0] + [0.1] * 28 + [12.5],
     [50_000.0] + [-3.0, 4.0, -6.0, 5.0] * 7 + [900.0],
 ]
-
-
-def settings_for(root: Path, **overrides) -> Settings:
-    options = dict(
-        adapters_dir=root,
-        default_adapter="alpha",
-        fraud_model_dir=SHIPPED_FRAUD,
-        max_text_chars=200,
-        max_pairs_per_request=8,
-        max_batch_wait_ms=1,
-        fraud_max_batch_transactions=16,
-    )
-    options.update(overrides)
-    return Settings(**options)
 
 
 @pytest.fixture(scope="module")
