@@ -14,6 +14,8 @@ FROM ${BASE_IMAGE}
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
+# Optional extras of the project, e.g. `--build-arg EXTRAS=ray` for the image the KubeRay RayService runs.
+ARG EXTRAS=""
 
 LABEL org.opencontainers.image.title="loraswap"
 
@@ -34,7 +36,7 @@ RUN python3 -m venv /opt/venv \
 COPY pyproject.toml constraints.txt ./
 RUN mkdir -p app training \
     && touch README.md app/__init__.py training/__init__.py \
-    && pip install -c constraints.txt . \
+    && pip install -c constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
     && pip uninstall -y loraswap \
     && rm -rf README.md app training build ./*.egg-info
 
