@@ -227,7 +227,8 @@ class RemoteAdapterService(AdapterService):
         return list(self._view.values())
 
     def _ready_names(self) -> list[str]:
-        return sorted(a.name for a in self._view.values() if a.state == "ready")
+        # Known on disk serves too (it loads on first use); only a failed adapter cannot.
+        return sorted(a.name for a in self._view.values() if a.state != "failed")
 
     async def load(self, name: str, raw_path: str, labels: list[str] | None = None) -> AdapterInfo:
         path = self.resolve_path(raw_path)
