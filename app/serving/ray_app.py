@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -19,7 +20,7 @@ import anyio
 from ray import serve
 
 from app.config import Settings
-from app.errors import AdapterNotFound, ServiceError
+from app.errors import AdapterConflict, AdapterNotFound, NotReady, ServiceError
 from app.runtime import Runtime, build_runtime
 from app.serving.engine_client import (
     EngineClient,
@@ -39,6 +40,9 @@ ENGINE_DEPLOYMENT = "LoraswapEngine"
 INGRESS_DEPLOYMENT = "LoraswapIngress"
 # Adapters a replica reports as held to Ray's router (its multiplexing LRU): the default device slots.
 HELD_ADAPTERS_PER_REPLICA = 16
+# How long catching up waits for a load of the same name already running in the replica's registry (a
+# first request's load of the older version) before the request gets 503 and the change stays pending.
+CATCH_UP_CONFLICT_WAIT_S = 30.0
 
 
 class _HeldAdapter:
@@ -83,7 +87,10 @@ class EngineDeployment:
     async def classify(
         self, pairs: list[PairInput], batch_field: str, wanted: dict[str, AdapterChange]
     ) -> EngineReply:
-        await self._catch_up(wanted)
+        try:
+            await self._catch_up(wanted)
+        except ServiceError as exc:
+            return EngineReply(self.name, error=exc)
         names = {p.adapter or self.settings.default_adapter for p in pairs} - {None}
         held = self._resident(names)  # affinity, measured: no adapter of this request had to be loaded
         # Tell Ray's router this replica holds the adapter — also for a request sent without a model id
@@ -110,7 +117,13 @@ class EngineDeployment:
 
     async def change(self, name: str, change: AdapterChange, wanted: dict[str, AdapterChange]) -> EngineReply:
         """Apply one PUT or DELETE here first (its errors are the client's answer)."""
-        await self._catch_up(wanted)
+        try:
+            await self._catch_up(wanted)
+        except ServiceError as exc:
+            return EngineReply(self.name, error=exc)
+        return await asyncio.shield(self._spawn(self._change_now(name, change)))
+
+    async def _change_now(self, name: str, change: AdapterChange) -> EngineReply:
         async with self._change_lock:
             try:
                 info = await self._apply(name, change)
@@ -120,7 +133,10 @@ class EngineDeployment:
         return EngineReply(self.name, info=info)
 
     async def probe(self, wanted: dict[str, AdapterChange]) -> EngineReply:
-        await self._catch_up(wanted)
+        try:
+            await self._catch_up(wanted)
+        except ServiceError as exc:
+            return EngineReply(self.name, error=exc)
         runtime = self.runtime
         reasons = [s.reason for s in runtime.readiness.snapshot() if not s.ready]
         base = None
@@ -136,15 +152,55 @@ class EngineDeployment:
         return EngineReply(self.name, adapters=adapters, base=base, not_ready="; ".join(r or "" for r in reasons) or None)
 
     async def _catch_up(self, wanted: dict[str, AdapterChange]) -> None:
-        if not self._applied.behind(wanted):
-            return
+        """Apply every change this replica is behind on before it answers; NotReady (503) if one cannot
+        be applied yet. The changes run in a task of their own: a caller cancelled meanwhile (its caller
+        timed out — the ingress's 5 s fleet probe does on a loaded machine) stops waiting, but the load
+        runs to its end under the change lock and is recorded. Cancelling the load's await itself would
+        abandon the registry's loader thread and free the lock with that load still running; the next
+        catch-up then met 409 from the registry, and a 409 was taken as applied."""
+        if self._applied.behind(wanted):
+            await asyncio.shield(self._spawn(self._apply_behind(wanted)))
+
+    async def _apply_behind(self, wanted: dict[str, AdapterChange]) -> None:
         async with self._change_lock:
             for name, change in self._applied.behind(wanted):
                 try:
-                    await self._apply(name, change)
-                except ServiceError as exc:  # it loaded on the replica that took the PUT: log, go on
+                    await self._apply_when_free(name, change)
+                except AdapterConflict:  # a load of this name still runs here: stay behind, retry later
+                    raise NotReady(
+                        f"replica {self.name} is still applying version {change.version} of adapter {name!r}",
+                        retry_after_s=1,
+                    ) from None
+                except ServiceError as exc:
+                    # Refused for good here (files changed since the PUT, a DELETE of a name never held):
+                    # no older version may go on answering under the new stamp.
                     logger.error("replica %s could not apply version %d of %s: %s", self.name, change.version, name, exc)
+                    if not change.deleted:
+                        await self._drop(name)
                 self._applied.applied(name, change.version)
+
+    async def _apply_when_free(self, name: str, change: AdapterChange, wait_s: float = CATCH_UP_CONFLICT_WAIT_S):
+        """`_apply`, waiting (bounded) while the registry is loading the same name (409)."""
+        deadline, pause = time.monotonic() + wait_s, 0.02
+        while True:
+            try:
+                return await self._apply(name, change)
+            except AdapterConflict:
+                if time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)  # polls the registry's single-flight load, bounded by the deadline
+            pause = min(0.5, pause * 2)
+
+    async def _drop(self, name: str) -> None:
+        try:
+            await self._apply(name, AdapterChange(0, None))
+        except ServiceError:  # not held here, or still loading: nothing older serves under this name
+            pass
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(_consume_outcome)  # a caller that stopped waiting leaves no stray warning
+        return task
 
     async def _apply(self, name: str, change: AdapterChange):
         service = self.runtime.adapter_service
@@ -158,6 +214,11 @@ class EngineDeployment:
         runtime = getattr(self, "runtime", None)  # absent when __init__ failed
         if runtime is not None:
             runtime.close()
+
+
+def _consume_outcome(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def build_ingress_app(settings: Settings, engine: Any, options: dict[str, Any]):

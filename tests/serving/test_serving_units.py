@@ -4,6 +4,7 @@ mixed-batch split, and deploy/ray/serve.yaml against Ray Serve's own config sche
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,121 @@ def test_serve_yaml_is_a_valid_ray_serve_config():
     engine = {d.name: d for d in app.deployments}["LoraswapEngine"]
     assert engine.ray_actor_options.num_gpus == 1
     assert engine.autoscaling_config["min_replicas"] >= 1 and engine.autoscaling_config["max_replicas"] >= 2
+
+
+# -- an engine replica catching up on adapter changes (its real registry, a gated fake loader) --------
+
+
+class _GatedLoader:
+    """Loads any directory; a load from a path named in `gated` waits for `gate`. Counts finished loads."""
+
+    def __init__(self, *gated: str):
+        self.gated = set(gated)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.finished = 0
+
+    def read_adapter(self, name, path, labels=None):
+        from tests.services.test_adapter_registry import FakeAdapter, LoadError
+
+        if path.name in self.gated:
+            self.started.set()
+            self.gate.wait(10)
+        self.finished += 1
+        if path.name.startswith("bad"):
+            raise LoadError("invalid", "bad adapter")
+        return FakeAdapter(name, path)
+
+
+def _replica(tmp_path: Path, loader: _GatedLoader, *dirs: str):
+    """An EngineDeployment replica's catch-up state around a real AdapterService and registry (no Ray,
+    no model: the replica's __init__, which builds a Runtime, is bypassed)."""
+    from types import SimpleNamespace
+
+    from app.serving.ray_app import EngineDeployment
+    from app.services.adapter_registry import AdapterRegistry
+    from app.services.adapters import AdapterService
+    from tests.services.fakes import FakeDevice
+
+    for name in dirs:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    registry = AdapterRegistry(loader, FakeDevice(), roots=[tmp_path])
+    registry.discover(tmp_path)
+    cls = EngineDeployment.func_or_class
+    replica = cls.__new__(cls)
+    replica.name = "replica-under-test"
+    replica.runtime = SimpleNamespace(
+        adapter_service=AdapterService(registry, roots=[tmp_path], admin_token=None), close=lambda: None
+    )
+    replica._applied = AppliedVersions()
+    replica._change_lock = asyncio.Lock()
+    return replica, registry
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_catch_up_whose_caller_is_cancelled_still_completes_before_a_newer_one(tmp_path):
+    """The flaky PUT/DELETE test on a loaded machine: a catch-up cancelled mid-load (the ingress's probe
+    timed out) left the registry loading with the lock free; the next request's catch-up got 409, took
+    it as applied, and the replica answered 404 — or the older version — under the newer stamp."""
+    loader = _GatedLoader("v1")
+    replica, registry = _replica(tmp_path, loader, "v1", "v2")
+
+    async def scenario():
+        first = asyncio.create_task(replica._catch_up({"swap": AdapterChange(1, str(tmp_path / "v1"))}))
+        await _until(loader.started.is_set)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        newer = asyncio.create_task(replica._catch_up({"swap": AdapterChange(2, str(tmp_path / "v2"))}))
+        await asyncio.wait({newer}, timeout=1.0)
+        waited = not newer.done()  # it waits for the cancelled caller's load, which still runs
+        loader.gate.set()
+        await newer
+        await _until(lambda: loader.finished >= 1)  # the cancelled caller's load has ended too
+        return waited
+
+    assert asyncio.run(scenario())
+    assert replica._applied.version_of("swap") == 2
+    assert replica.runtime.adapter_service.describe("swap").path == str(tmp_path / "v2")
+    registry.close()
+
+
+def test_a_catch_up_waits_for_a_first_requests_load_of_the_same_name(tmp_path):
+    loader = _GatedLoader("swap")
+    replica, registry = _replica(tmp_path, loader, "swap", "v2")
+
+    async def scenario():
+        lease = registry.lease(["swap"])
+        first_use = asyncio.create_task(lease.weights())  # the on-disk version loading for a request
+        await _until(loader.started.is_set)
+        change = asyncio.create_task(replica._catch_up({"swap": AdapterChange(1, str(tmp_path / "v2"))}))
+        await asyncio.wait({change}, timeout=0.5)
+        waited = not change.done()
+        loader.gate.set()
+        await first_use
+        lease.release()
+        await change
+        return waited
+
+    assert asyncio.run(scenario())
+    assert replica.runtime.adapter_service.describe("swap").path == str(tmp_path / "v2")
+    registry.close()
+
+
+def test_a_change_a_replica_cannot_apply_leaves_no_older_version_serving(tmp_path):
+    loader = _GatedLoader()
+    replica, registry = _replica(tmp_path, loader, "swap", "bad-v2")
+    asyncio.run(replica._catch_up({"swap": AdapterChange(1, str(tmp_path / "swap"))}))
+    assert replica.runtime.adapter_service.describe("swap").path == str(tmp_path / "swap")
+    asyncio.run(replica._catch_up({"swap": AdapterChange(2, str(tmp_path / "bad-v2"))}))
+    with pytest.raises(AdapterNotFound):
+        replica.runtime.adapter_service.describe("swap")
+    assert replica._applied.version_of("swap") == 2
+    registry.close()
