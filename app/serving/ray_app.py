@@ -1,7 +1,9 @@
 """Ray Serve composition root: an ingress deployment serving the single server's FastAPI app (same
 routes, bodies, errors, /docs) and an engine deployment whose replicas each run their own Runtime —
 built by app.runtime.build_runtime, exactly as the single server builds it, mixed-adapter batching
-included. Requests reach replicas through Ray's model multiplexing with the adapter name as model id.
+included. Requests reach replicas by adapter: through Ray's model multiplexing with the adapter name as
+model id (`routing="multiplex"`), or through app.serving.adapter_router's request router
+(`routing="affinity"`); benchmarks/ray_fleet.py measures both, docs/scaling.md has the numbers.
 
 `build_app(settings, ...)` returns the Ray application; `app_builder(args)` is the `import_path` target
 of deploy/ray/serve.yaml."""
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -17,6 +20,8 @@ from functools import partial
 from typing import Any
 
 import anyio
+from fastapi import Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 
 from app.config import Settings
@@ -30,6 +35,8 @@ from app.serving.engine_client import (
     RemoteNLIService,
     ReplicaHeaderMiddleware,
 )
+from app.serving.adapter_router import HELD_STAT, AdapterAffinityRouter
+from app.serving.fleet_metrics import FleetMetrics
 from app.serving.versions import AdapterChange, AdapterVersions, AppliedVersions
 from app.services.nli import PairInput
 
@@ -40,6 +47,7 @@ ENGINE_DEPLOYMENT = "LoraswapEngine"
 INGRESS_DEPLOYMENT = "LoraswapIngress"
 # Adapters a replica reports as held to Ray's router (its multiplexing LRU): the default device slots.
 HELD_ADAPTERS_PER_REPLICA = 16
+ROUTINGS = ("multiplex", "affinity")
 # How long catching up waits for a load of the same name already running in the replica's registry (a
 # first request's load of the older version) before the request gets 503 and the change stays pending.
 CATCH_UP_CONFLICT_WAIT_S = 30.0
@@ -70,6 +78,7 @@ class EngineDeployment:
         self.settings = Settings(**{**settings, "fraud_enabled": False})
         self.runtime: Runtime = build_runtime(self.settings)
         self.name = ray.get_runtime_context().get_actor_name() or "engine"
+        self.replica_id = serve.get_replica_context().replica_tag  # the `replica` label of its metrics
         self._applied = AppliedVersions()
         self._change_lock = asyncio.Lock()
 
@@ -105,6 +114,19 @@ class EngineDeployment:
         if model_id:
             await self._hold(model_id)
         return EngineReply(self.name, results=results, held=held)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the affinity router routes by (Ray calls it every `request_routing_stats_period_s`):
+        the adapters on this replica's device now."""
+        registry = self.runtime.registry
+        if registry is None:
+            return {HELD_STAT: []}
+        return {HELD_STAT: [e.name for e in registry.entries() if registry.tier(e) == "device"]}
+
+    def metrics_text(self) -> tuple[str, str]:
+        """This replica's Prometheus text (batches, queue, adapter tiers, ...), for the ingress's
+        /metrics, which gathers every replica's by broadcast (app.serving.fleet_metrics)."""
+        return self.replica_id, generate_latest(self.runtime.metrics.registry).decode()
 
     def _resident(self, names: set[str]) -> bool:
         service = self.runtime.adapter_service
@@ -229,7 +251,16 @@ def build_ingress_app(settings: Settings, engine: Any, options: dict[str, Any]):
     app = create_app(settings)
     app.router.lifespan_context = partial(_ingress_lifespan, engine=engine, options=options)
     app.add_middleware(ReplicaHeaderMiddleware)
+    # /metrics: the single server's route serves one registry; here the fleet's, merged. Ours goes
+    # first, so it matches before the included metrics router (which still documents it in /docs).
+    app.add_api_route("/metrics", _fleet_metrics, methods=["GET"], response_class=Response, include_in_schema=False)
+    app.router.routes.insert(0, app.router.routes.pop())
     return app
+
+
+async def _fleet_metrics(request: Request) -> Response:
+    fleet: FleetMetrics = request.app.state.fleet_metrics
+    return Response(await fleet.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @asynccontextmanager
@@ -247,7 +278,8 @@ async def _ingress_lifespan(app: Any, *, engine: Any, options: dict[str, Any]) -
         default_adapter=settings.default_adapter,
         max_pairs_per_request=settings.max_pairs_per_request,
         split_mixed_batches=bool(options.get("split_mixed_batches", False)),
-        spread_inflight=int(options.get("spread_inflight", 8)),
+        # Under the affinity router every request carries its adapter; the router itself spills a hot one.
+        spread_inflight=int(options.get("spread_inflight", 8)) if options.get("routing") != "affinity" else sys.maxsize,
     )
     runtime.adapter_service = adapters
     runtime.readiness.set_check("nli", client.health.readiness_reason)
@@ -256,6 +288,9 @@ async def _ingress_lifespan(app: Any, *, engine: Any, options: dict[str, Any]) -
     runtime.engine = probe.base  # type: ignore[assignment]  # what /info reports about the base
     app.state.runtime = runtime
     app.state.fleet_client = client
+    app.state.fleet_metrics = FleetMetrics(
+        engine, app.state.metrics.registry, timeout_s=float(options.get("metrics_timeout_s", 2.0))
+    )
 
     def show_base() -> None:
         runtime.engine = probe.base  # type: ignore[assignment]
@@ -304,12 +339,26 @@ def build_app(
     split_mixed_batches: bool = False,
     engine_timeout_s: float = 60.0,
     spread_inflight: int = 8,
+    metrics_timeout_s: float = 2.0,
+    routing: str = "multiplex",
 ):
-    """The Ray Serve application: ingress -> engine replicas (fixed `engine_replicas`, or `autoscaling`)."""
+    """The Ray Serve application: ingress -> engine replicas (fixed `engine_replicas`, or `autoscaling`),
+    routed by adapter through Ray's multiplexing or the affinity router (`routing`, one of ROUTINGS)."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, not {routing!r}")
     settings_json = settings.model_dump(mode="json")
     engine_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": engine_num_cpus, "num_gpus": engine_num_gpus},
     }
+    if routing == "affinity":
+        from ray.serve.config import RequestRouterConfig
+
+        engine_options["request_router_config"] = RequestRouterConfig(
+            request_router_class=AdapterAffinityRouter,
+            request_router_kwargs={"spill_queue_len": spread_inflight},
+            request_routing_stats_period_s=1.0,  # how stale a replica's held-adapter report may be
+            request_routing_stats_timeout_s=5.0,
+        )
     if autoscaling:
         engine_options["autoscaling_config"] = autoscaling
         engine_options["num_replicas"] = "auto"
@@ -320,6 +369,8 @@ def build_app(
         "split_mixed_batches": split_mixed_batches,
         "engine_timeout_s": engine_timeout_s,
         "spread_inflight": spread_inflight,
+        "metrics_timeout_s": metrics_timeout_s,
+        "routing": routing,
     }
     return IngressDeployment.options(ray_actor_options={"num_cpus": ingress_num_cpus}).bind(
         engine, settings_json, options
@@ -335,5 +386,7 @@ def app_builder(args: dict[str, Any]):
         split_mixed_batches=bool(args.get("split_mixed_batches", False)),
         engine_timeout_s=float(args.get("engine_timeout_s", 60.0)),
         spread_inflight=int(args.get("spread_inflight", 8)),
+        metrics_timeout_s=float(args.get("metrics_timeout_s", 2.0)),
+        routing=str(args.get("routing", "multiplex")),
     )
 

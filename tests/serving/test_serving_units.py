@@ -269,3 +269,192 @@ def test_a_change_a_replica_cannot_apply_leaves_no_older_version_serving(tmp_pat
         replica.runtime.adapter_service.describe("swap")
     assert replica._applied.version_of("swap") == 2
     registry.close()
+
+
+# -- the ingress's /metrics: its own series and every engine replica's ---------------------------------
+
+
+def _engine_text(pairs: list[int]) -> str:
+    from prometheus_client import generate_latest
+
+    from app.services.metrics import Metrics
+
+    metrics = Metrics()
+    for size in pairs:
+        metrics.observe_batch(size, [0.001] * size)
+    return generate_latest(metrics.registry).decode()
+
+
+def _samples(text: str, name: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples if s.name == name
+    }
+
+
+class _Pending:
+    def __init__(self, answer, delay_s: float = 0.0, error: Exception | None = None):
+        self.answer, self.delay_s, self.error = answer, delay_s, error
+
+    async def get_async(self):
+        await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+class _BroadcastHandle:
+    """A deployment handle's `broadcast` as Ray 2.60 shapes it: one pending result per live replica."""
+
+    def __init__(self, pending: list[_Pending]):
+        self.pending = pending
+        self.methods: list[str] = []
+
+    def broadcast(self, method: str):
+        self.methods.append(method)
+        pending = self.pending
+
+        class _Response:
+            async def _fetch_replica_results_async(self):
+                return pending
+
+        return _Response()
+
+
+def test_the_ingress_metrics_hold_each_replicas_series_labelled_and_its_own_http_series():
+    from app.serving.fleet_metrics import FleetMetrics
+    from app.services.metrics import Metrics
+
+    ingress = Metrics()
+    ingress.requests.labels("/nli", "POST", "200").inc(5)
+    handle = _BroadcastHandle([_Pending(("r1", _engine_text([4, 2]))), _Pending(("r2", _engine_text([3])))])
+    text = asyncio.run(FleetMetrics(handle, ingress.registry, timeout_s=1.0).render()).decode()
+    assert handle.methods == ["metrics_text"]
+    counts = _samples(text, "loraswap_batch_size_pairs_sum")
+    assert counts == {(("replica", "r1"),): 6.0, (("replica", "r2"),): 3.0}  # no unlabelled ingress copy
+    assert _samples(text, "loraswap_http_requests_total") == {
+        (("method", "POST"), ("route", "/nli"), ("status", "200")): 5.0
+    }
+    assert {labels for labels in _samples(text, "process_resident_memory_bytes")} == {
+        (), (("replica", "r1"),), (("replica", "r2"),)
+    }
+    assert _samples(text, "loraswap_fleet_metrics_replicas") == {
+        (("outcome", "answered"),): 2.0, (("outcome", "skipped"),): 0.0
+    }
+    assert text.count("# TYPE loraswap_batch_size_pairs histogram") == 1
+
+
+def test_a_replica_that_does_not_answer_in_time_is_skipped_and_counted_never_failing_the_scrape():
+    from app.serving.fleet_metrics import FleetMetrics
+    from app.services.metrics import Metrics
+
+    ingress = Metrics()
+    handle = _BroadcastHandle([
+        _Pending(("r1", _engine_text([4]))),
+        _Pending(("r2", _engine_text([3])), delay_s=30),
+        _Pending(None, error=RuntimeError("replica died")),
+    ])
+    fleet = FleetMetrics(handle, ingress.registry, timeout_s=0.2)
+
+    async def two_scrapes():
+        return (await fleet.render()).decode(), (await fleet.render()).decode()
+
+    _, text = asyncio.run(two_scrapes())
+    assert _samples(text, "loraswap_batch_size_pairs_sum") == {(("replica", "r1"),): 4.0}
+    assert _samples(text, "loraswap_fleet_metrics_replicas") == {
+        (("outcome", "answered"),): 1.0, (("outcome", "skipped"),): 2.0
+    }
+    assert _samples(text, "loraswap_fleet_metrics_skipped_replicas_total") == {(): 4.0}
+
+
+def test_no_engine_replica_to_ask_leaves_the_ingress_series():
+    from app.serving.fleet_metrics import FleetMetrics
+    from app.services.metrics import Metrics
+
+    class _NoReplicas:
+        def broadcast(self, method):
+            raise RuntimeError("deployment unavailable")
+
+    ingress = Metrics()
+    ingress.requests.labels("/readyz", "GET", "503").inc()
+    text = asyncio.run(FleetMetrics(_NoReplicas(), ingress.registry).render()).decode()
+    assert _samples(text, "loraswap_http_requests_total")
+    assert _samples(text, "loraswap_fleet_metrics_replicas")[(("outcome", "answered"),)] == 0.0
+
+
+def test_the_ingress_app_serves_metrics_from_the_fleet_not_its_registry_alone():
+    """FastAPI keeps included routers whole: the fleet route must match before the single server's."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.serving.fleet_metrics import FleetMetrics
+    from app.serving.ray_app import build_ingress_app
+
+    app = build_ingress_app(Settings(fraud_enabled=False, nli_enabled=False), None, {})
+    handle = _BroadcastHandle([_Pending(("r1", _engine_text([2])))])
+    app.state.fleet_metrics = FleetMetrics(handle, app.state.metrics.registry)
+    answer = TestClient(app).get("/metrics")  # no lifespan: nothing to reach
+    assert answer.status_code == 200
+    assert _samples(answer.text, "loraswap_batch_size_pairs_sum") == {(("replica", "r1"),): 2.0}
+
+
+# -- the affinity router's ranking (app.serving.adapter_router.AffinityPolicy) -----------------------
+
+
+class _Replica:
+    def __init__(self, replica_id: str, *held: str):
+        self.replica_id = replica_id
+        self.routing_stats = {"adapters": list(held)}
+
+    def __repr__(self) -> str:
+        return self.replica_id
+
+
+def _ids(groups) -> list[set[str]]:
+    return [{r.replica_id for r in group} for group in groups]
+
+
+def _policy(**kwargs):
+    import random
+
+    from app.serving.adapter_router import AffinityPolicy
+
+    return AffinityPolicy(rng=random.Random(0), **kwargs)
+
+
+def test_the_router_prefers_replicas_holding_the_adapter_and_falls_back_to_the_others():
+    replicas = [_Replica("a", "hot"), _Replica("b"), _Replica("c", "hot", "x"), _Replica("d")]
+    ranked = _policy(spill_queue_len=4).rank("hot", replicas, lambda r: 0)
+    assert _ids(ranked)[0] == {"a", "c"}
+    assert _ids(ranked)[1] <= {"b", "d"} and len(ranked[1]) == 2
+
+
+def test_a_busy_hot_adapter_spills_to_a_replica_without_it_which_then_counts_as_a_holder():
+    clock = _Clock()
+    policy = _policy(spill_queue_len=4, remember_s=5.0, clock=clock)
+    replicas = [_Replica("a", "hot"), _Replica("b")]
+    queue = {"a": 4, "b": 0}
+    first = _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id]))[0]
+    assert first == {"a", "b"}  # a is busy: b competes on queue length
+    queue["a"] = 3
+    assert _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id]))[0] == {"a"}
+    policy.sent("hot", "b")  # Ray chose b for the spilled request
+    assert _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id])) == [{"a", "b"}]
+    clock.now += 6  # b never reported it (evicted, say): after remember_s it is no holder again
+    assert _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id]))[0] == {"a"}
+
+
+def test_an_adapter_held_nowhere_or_no_adapter_goes_to_two_random_replicas():
+    replicas = [_Replica(c) for c in "abcd"]
+    policy = _policy()
+    for adapter in ("cold", ""):
+        [group] = policy.rank(adapter, replicas, lambda r: None)
+        assert len(group) == 2 and len({r.replica_id for r in group}) == 2
+    assert _ids(policy.rank("x", replicas[:1], lambda r: None)) == [{"a"}]
+
+
+def test_unknown_queue_lengths_never_count_as_busy():
+    replicas = [_Replica("a", "hot"), _Replica("b")]
+    assert _ids(_policy(spill_queue_len=1).rank("hot", replicas, lambda r: None))[0] == {"a"}
