@@ -4,15 +4,19 @@ app.serving.ray_app), the alternative to routing by Ray's model multiplexing.
 Each request carries its adapter as the multiplexed model id. The router prefers replicas that hold
 the adapter — what each replica reports on its device (`EngineDeployment.record_routing_stats`), plus
 where this router sent the adapter lately (the report lags by its period) — and takes the less loaded
-of two of them (power of two choices by Ray's queue lengths). When those holders are busy (both have
-`spill_queue_len` requests or more in flight) a replica that does not hold the adapter competes too,
-so a hot adapter spreads to a second replica instead of pinning one; once it has been sent there,
-that replica counts as a holder. An adapter held nowhere goes to the less loaded of two replicas.
+of two of them (power of two choices by Ray's queue lengths). When those holders are busier than the
+least loaded replica without the adapter by `spill_queue_len` requests or more, that replica competes
+too, so a hot adapter spreads to a second replica instead of pinning one (and load that is merely high
+everywhere spills nothing); once the adapter has been sent there, that replica counts as a holder. An
+adapter held nowhere goes to its home replica (rendezvous hashing of adapter and replica ids), under
+the same spill rule: the long tail of adapters is partitioned over the replicas' device slots instead
+of every replica caching the same cold adapters.
 
 No torch here: this runs inside the ingress's deployment handle."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -47,13 +51,13 @@ class AffinityPolicy:
     ) -> list[list[Replica]]:
         if not adapter or len(replicas) < 2:
             return [self._two(replicas)]
-        holders = [r for r in replicas if self.holds(r, adapter)]
-        others = [r for r in replicas if not self.holds(r, adapter)]
-        if not holders:
-            return [self._two(replicas)]
+        holders = [r for r in replicas if self.holds(r, adapter)] or [_home(adapter, replicas)]
+        others = [r for r in replicas if r not in holders]
         first = self._two(holders)
-        if others and all(self._busy(queue_len(r)) for r in first):
-            first = [*first, self._rng.choice(others)]  # spill: a replica without it competes on queue length
+        if others:
+            idlest = min(others, key=lambda r: queue_len(r) or 0)
+            if min(queue_len(r) or 0 for r in first) - (queue_len(idlest) or 0) >= self.spill_queue_len:
+                first = [*first, idlest]  # spill: Ray then picks it, its queue being the shortest
         return [first, self._two(others)] if others else [first]
 
     def holds(self, replica: Replica, adapter: str) -> bool:
@@ -65,11 +69,19 @@ class AffinityPolicy:
     def sent(self, adapter: str, replica_id: Any) -> None:
         self._sent.setdefault(adapter, {})[replica_id] = self._clock()
 
-    def _busy(self, queue_len: int | None) -> bool:
-        return queue_len is not None and queue_len >= self.spill_queue_len
-
     def _two(self, replicas: Sequence[Replica]) -> list[Replica]:
         return self._rng.sample(list(replicas), 2) if len(replicas) > 2 else list(replicas)
+
+
+def _home(adapter: str, replicas: Sequence[Replica]) -> Replica:
+    """The replica an adapter held nowhere goes to: highest hash of (adapter, replica id). Stable as
+    replicas come and go — only the adapters whose home left move."""
+
+    def score(replica: Replica) -> bytes:
+        rid = getattr(replica.replica_id, "unique_id", replica.replica_id)
+        return hashlib.blake2b(f"{adapter}|{rid}".encode(), digest_size=8).digest()
+
+    return max(replicas, key=score)
 
 
 class AdapterAffinityRouter(RequestRouter):

@@ -23,6 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per engine replica")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per engine replica (1 on GPU hosts)")
     parser.add_argument("--split-mixed-batches", action="store_true", help="send each adapter of a mixed /nli/batch separately")
+    parser.add_argument(
+        "--routing", choices=("multiplex", "affinity"), default=None,
+        help="how requests find a replica holding their adapter: Ray's model multiplexing or loraswap's "
+        "adapter-affine request router (default: the one docs/scaling.md measured better)",
+    )
     return parser.parse_args(argv)
 
 
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.pop("RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
 
-    from app.serving.ray_app import APP_NAME, build_app
+    from app.serving.ray_app import APP_NAME, DEFAULT_ROUTING, build_app
 
     host = args.host or settings.host
     port = args.port or settings.port
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                 engine_num_cpus=args.cpus_per_replica,
                 engine_num_gpus=args.gpus_per_replica,
                 split_mixed_batches=args.split_mixed_batches,
+                routing=args.routing or DEFAULT_ROUTING,
             ),
             name=APP_NAME,
             route_prefix="/",

@@ -48,6 +48,8 @@ INGRESS_DEPLOYMENT = "LoraswapIngress"
 # Adapters a replica reports as held to Ray's router (its multiplexing LRU): the default device slots.
 HELD_ADAPTERS_PER_REPLICA = 16
 ROUTINGS = ("multiplex", "affinity")
+# The default routing, chosen by benchmarks/ray_fleet.py's side-by-side run (docs/scaling.md).
+DEFAULT_ROUTING = "multiplex"
 # How long catching up waits for a load of the same name already running in the replica's registry (a
 # first request's load of the older version) before the request gets 503 and the change stays pending.
 CATCH_UP_CONFLICT_WAIT_S = 30.0
@@ -340,7 +342,7 @@ def build_app(
     engine_timeout_s: float = 60.0,
     spread_inflight: int = 8,
     metrics_timeout_s: float = 2.0,
-    routing: str = "multiplex",
+    routing: str = DEFAULT_ROUTING,
 ):
     """The Ray Serve application: ingress -> engine replicas (fixed `engine_replicas`, or `autoscaling`),
     routed by adapter through Ray's multiplexing or the affinity router (`routing`, one of ROUTINGS)."""
@@ -387,6 +389,6 @@ def app_builder(args: dict[str, Any]):
         engine_timeout_s=float(args.get("engine_timeout_s", 60.0)),
         spread_inflight=int(args.get("spread_inflight", 8)),
         metrics_timeout_s=float(args.get("metrics_timeout_s", 2.0)),
-        routing=str(args.get("routing", "multiplex")),
+        routing=str(args.get("routing", DEFAULT_ROUTING)),
     )
 

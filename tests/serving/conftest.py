@@ -108,6 +108,31 @@ def fleet(fleet_settings) -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="module")
+def affinity_fleet(fleet, fleet_settings) -> Iterator[str]:
+    """The same app routed by the affinity request router (`routing="affinity"`), deployed beside the
+    multiplexed one on the module's cluster under `/affinity`; its base URL. Deleted after the module's
+    last user, so the other tests never share the machine with its replicas."""
+    from ray import serve
+
+    from app.serving.ray_app import build_app
+
+    name = "loraswap-affinity"
+    serve.run(
+        build_app(fleet_settings, engine_replicas=ENGINE_REPLICAS, engine_num_cpus=0.5, ingress_num_cpus=0.5,
+                  engine_timeout_s=20.0, spread_inflight=4, routing="affinity"),
+        name=name,
+        route_prefix="/affinity",
+    )
+    url = fleet.url + "/affinity"
+    deadline = time.monotonic() + 120
+    while httpx.get(url + "/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the affinity-routed app did not become ready"
+        time.sleep(0.5)  # polling a condition with a deadline
+    yield url
+    serve.delete(name)
+
+
+@pytest.fixture(scope="module")
 def oracle(fleet_settings):
     """Scores of the single-process server (create_app in this process) for every shipped adapter and
     pair: what the fleet must answer."""

@@ -49,10 +49,11 @@ def test_sigterm_stops_serve_then_ray(recorded, when):
             return real_wait(self, timeout)
 
         monkeypatch.setattr(cli.threading.Event, "wait", wait_then_signal)
-    cli.main(["--replicas", "3", "--port", "8123", "--gpus-per-replica", "1"])
+    cli.main(["--replicas", "3", "--port", "8123", "--gpus-per-replica", "1", "--routing", "affinity"])
     names = [c[0] for c in calls]
     assert names == ["ray.init", "serve.start", "serve.run", "serve.shutdown", "ray.shutdown"]
     assert calls[1][1]["http_options"]["port"] == 8123
     _, (_, options), _ = calls[2]
     assert options["engine_replicas"] == 3 and options["engine_num_gpus"] == 1
+    assert options["routing"] == "affinity"
     assert "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" not in os.environ

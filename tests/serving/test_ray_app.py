@@ -299,3 +299,32 @@ def _wait_for_count(log: list, count: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_the_affinity_router_answers_as_the_single_server_and_spreads_a_hot_adapter(fleet, affinity_fleet, oracle):
+    """routing="affinity": Ray calls app.serving.adapter_router.AdapterAffinityRouter for every request."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    engine = details["applications"]["loraswap-affinity"]["deployments"][fleet.engine_deployment]
+    assert engine["deployment_config"]["request_router_config"]["request_router_class"].endswith(
+        "AdapterAffinityRouter"
+    )
+    rng = random.Random(17)
+    work = [(rng.choice(SHIPPED), rng.choice(PAIRS)) for _ in range(60)]
+    hot = [("mnli", PAIRS[i % len(PAIRS)]) for i in range(48)]
+    with httpx.Client(base_url=affinity_fleet, timeout=60) as client, ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda item: _nli(client, *item), work + hot))
+        batch = [{"premise": p, "hypothesis": h, "adapter": a} for a, (p, h) in zip(itertools.cycle(SHIPPED), PAIRS)]
+        batch_answer = client.post("/nli/batch", json={"pairs": batch})
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    for (adapter, (premise, hypothesis)), answer in zip(work + hot, answers):
+        body = answer.json()
+        assert body["adapter"] == adapter and close_to(body["scores"], oracle[(adapter, premise, hypothesis)])
+    assert batch_answer.status_code == 200
+    for row, result in zip(batch, batch_answer.json()["results"]):
+        assert close_to(result["scores"], oracle[(row["adapter"], row["premise"], row["hypothesis"])])
+    held = [a.headers["x-loraswap-adapter-held"] == "1" for a in answers]
+    hot_replicas = Counter(a.headers["x-loraswap-replica"] for a in answers[len(work):])
+    print(f"affinity router: affinity share {sum(held) / len(held):.3f}; hot adapter over replicas {dict(hot_replicas)}")
+    assert all(a.headers["x-loraswap-model-id"] for a in answers)  # every request routed by its adapter

@@ -437,24 +437,35 @@ def test_a_busy_hot_adapter_spills_to_a_replica_without_it_which_then_counts_as_
     replicas = [_Replica("a", "hot"), _Replica("b")]
     queue = {"a": 4, "b": 0}
     first = _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id]))[0]
-    assert first == {"a", "b"}  # a is busy: b competes on queue length
+    assert first == {"a", "b"}  # a is 4 busier than b: b competes on queue length
     queue["a"] = 3
     assert _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id]))[0] == {"a"}
+    queue["a"], queue["b"] = 30, 27  # busy everywhere is no reason to give up affinity
+    assert _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id]))[0] == {"a"}
+    queue["a"], queue["b"] = 4, 0
     policy.sent("hot", "b")  # Ray chose b for the spilled request
     assert _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id])) == [{"a", "b"}]
+    queue["a"] = 0
     clock.now += 6  # b never reported it (evicted, say): after remember_s it is no holder again
     assert _ids(policy.rank("hot", replicas, lambda r: queue[r.replica_id]))[0] == {"a"}
 
 
-def test_an_adapter_held_nowhere_or_no_adapter_goes_to_two_random_replicas():
+def test_an_adapter_held_nowhere_goes_to_its_home_replica_and_no_adapter_to_two_random_ones():
     replicas = [_Replica(c) for c in "abcd"]
     policy = _policy()
-    for adapter in ("cold", ""):
-        [group] = policy.rank(adapter, replicas, lambda r: None)
-        assert len(group) == 2 and len({r.replica_id for r in group}) == 2
+    [group] = policy.rank("", replicas, lambda r: None)
+    assert len(group) == 2 and len({r.replica_id for r in group}) == 2
+    homes = {}
+    for i in range(40):
+        first = _ids(policy.rank(f"cold-{i}", replicas, lambda r: 0))[0]
+        assert len(first) == 1 and first == _ids(policy.rank(f"cold-{i}", list(reversed(replicas)), lambda r: 0))[0]
+        homes[i] = first.pop()
+    assert set(homes.values()) == set("abcd")  # the tail is partitioned over every replica
+    moved = {i for i in homes if _ids(policy.rank(f"cold-{i}", replicas[:3], lambda r: 0))[0] != {homes[i]}}
+    assert moved == {i for i in homes if homes[i] == "d"}  # a replica leaving moves only its own adapters
     assert _ids(policy.rank("x", replicas[:1], lambda r: None)) == [{"a"}]
 
 
-def test_unknown_queue_lengths_never_count_as_busy():
+def test_unknown_queue_lengths_spill_nothing():
     replicas = [_Replica("a", "hot"), _Replica("b")]
     assert _ids(_policy(spill_queue_len=1).rank("hot", replicas, lambda r: None))[0] == {"a"}
