@@ -19,7 +19,8 @@ from app.inference.base_model import (
     fingerprint,
     load_tokenizer,
 )
-from app.inference.lora import LoRAContext, ModuleDelta, Segment, wrap_linear_layers
+from app.inference.lora import LoRAContext, ModuleDelta, Segment, Span, wrap_linear_layers
+from app.inference.packed import PackedEncoder, pack, packable
 from app.inference.slots import DeviceSlots
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class NLIEngine:
         max_rank: int = 64,
         pinned: set[str] | None = None,
         segmented_max_adapters: int = SEGMENTED_MAX_ADAPTERS,
+        packed: bool = True,
     ):
         self.spec = spec
         self.device = pick_device(device)
@@ -106,6 +108,8 @@ class NLIEngine:
         )
         self.segmented_max_adapters = segmented_max_adapters
         self.uses_pooler = self.config.model_type == "bert"
+        # The padding-free forward where the architecture allows it (BERT, RoBERTa, XLM-R); else HF's padded one.
+        self.packed = PackedEncoder(self.encoder, self.config) if packed and packable(self.encoder, self.config) else None
         self.pad_id = self.tokenizer.pad_token_id
         logger.info(
             "base %s loaded on %s (%s), %d LoRA-able layers", spec.display_id, self.device, self.dtype, len(self.wrapped)
@@ -145,6 +149,8 @@ class NLIEngine:
         if len(pairs) != len(adapters):
             raise ValueError("one adapter per pair")
         distinct = list(dict.fromkeys(adapters))
+        if self.packed is not None:
+            return self._run_packed(pairs, adapters, distinct)
         with torch.inference_mode():
             slot_of = self.slots.place(distinct)
             rows_of = {adapter: [i for i, a in enumerate(adapters) if a is adapter] for adapter in distinct}
@@ -163,6 +169,50 @@ class NLIEngine:
                 probs = F.softmax(logits.float(), dim=-1).cpu().tolist()
                 for row, p in zip(rows, probs):
                     probabilities[row] = p
+        return probabilities  # type: ignore[return-value]
+
+    def _run_packed(
+        self, pairs: list[EncodedPair], adapters: list[AdapterWeights], distinct: list[AdapterWeights]
+    ) -> list[list[float]]:
+        """The padding-free forward: rows grouped by adapter, so each adapter's tokens (and, for the
+        pooler, its sequences) are one contiguous span of the packed batch."""
+        rows_of = {adapter: [i for i, a in enumerate(adapters) if a is adapter] for adapter in distinct}
+        order = [row for rows in rows_of.values() for row in rows]
+        sequences = [pairs[row].input_ids for row in order]
+        types = [pairs[row].token_type_ids for row in order] if pairs[0].token_type_ids is not None else None
+        with torch.inference_mode():
+            slot_of = self.slots.place(distinct)
+            batch = pack(sequences, types, position_offset=self.packed.position_offset, device=self.device)
+            token_spans: dict[AdapterWeights, tuple[int, int]] = {}
+            row_spans: dict[AdapterWeights, tuple[int, int]] = {}
+            token, row = 0, 0
+            for adapter, rows in rows_of.items():
+                tokens = sum(len(pairs[r]) for r in rows)
+                token_spans[adapter] = (token, token + tokens)
+                row_spans[adapter] = (row, row + len(rows))
+                token, row = token + tokens, row + len(rows)
+            self.context.deltas = {
+                module: ModuleDelta(
+                    self.slots.a[module],
+                    self.slots.b[module],
+                    spans=[
+                        Span(*(row_spans if module in POOLER_MODULES else token_spans)[adapter], slot_of[adapter], adapter.rank)
+                        for adapter in rows_of
+                        if module in adapter.a
+                    ],
+                )
+                for module in set().union(*(adapter.a.keys() for adapter in rows_of))
+            }
+            try:
+                features = self.packed(batch, use_pooler=self.uses_pooler)  # one row per sequence, in `order`
+            finally:
+                self.context.deltas = None
+            probabilities: list[list[float] | None] = [None] * len(pairs)
+            for adapter, (start, stop) in row_spans.items():
+                logits = self.slots.heads[slot_of[adapter]](features[start:stop])  # [rows, labels]
+                probs = F.softmax(logits.float(), dim=-1).cpu().tolist()
+                for original, p in zip(order[start:stop], probs):
+                    probabilities[original] = p
         return probabilities  # type: ignore[return-value]
 
     def free_retired(self) -> int:
@@ -215,6 +265,10 @@ class NLIEngine:
                 ],
             )
         return deltas
+
+
+# Modules that run on one row per sequence (BERT's pooler) rather than one per token.
+POOLER_MODULES = frozenset({"pooler.dense"})
 
 
 def _base_names(spec: BaseSpec, config) -> frozenset[str]:

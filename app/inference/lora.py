@@ -19,15 +19,28 @@ class Segment:
 
 
 @dataclass
+class Span:
+    """The rows `start:stop` of one adapter in a batch whose rows are grouped by adapter (the packed
+    forward's layout), its `slot` and `rank`."""
+
+    start: int
+    stop: int
+    slot: int
+    rank: int
+
+
+@dataclass
 class ModuleDelta:
     """What one wrapped Linear needs for one batch: the slot buffers, `a` [slots, r_max, in] and `b`
     [slots, out, r_max] (`b` pre-scaled by alpha / r, or alpha / sqrt(r) for rsLoRA), and which rows use
-    which slot, in one of two layouts:
+    which slot, in one of three layouts:
 
     - segments: per adapter of the batch, its rows and its own rank (no padding): two small GEMMs per
       adapter on views of its slot, added back with index_add. Cheap when few adapters share a batch.
     - row_slot [batch]: each row's slot; the slots' matrices are gathered per row, padded to r_max, and
       applied with batched matmuls (BGMV). No Python loop, but r_max columns for every row.
+    - spans: rows grouped by adapter (the packed forward), so each adapter's rows are one contiguous
+      slice: two small GEMMs per adapter added in place, no gather or scatter.
     Rows whose adapter does not target this module are in no segment (and read zeros when gathered).
     """
 
@@ -35,6 +48,7 @@ class ModuleDelta:
     b: torch.Tensor
     segments: list[Segment] | None = None
     row_slot: torch.Tensor | None = None
+    spans: list[Span] | None = None
 
 
 class LoRAContext:
@@ -67,6 +81,12 @@ class MultiLoRALinear(nn.Module):
         deltas = self.context.deltas
         delta = deltas.get(self.name) if deltas else None
         if delta is None:
+            return out
+        if delta.spans is not None:  # x: [rows, in], rows grouped by adapter
+            for span in delta.spans:
+                a = delta.a[span.slot, : span.rank]  # [r, in]
+                b = delta.b[span.slot, :, : span.rank]  # [out, r]
+                out[span.start : span.stop].addmm_(x[span.start : span.stop] @ a.transpose(0, 1), b.transpose(0, 1))
             return out
         if delta.segments is not None:
             for segment in delta.segments:

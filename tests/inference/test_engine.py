@@ -75,11 +75,20 @@ def test_single_adapter_batch_matches_peft_and_merged(setup, name):
         assert_close(probs, references[(name, True)][row])
 
 
-@pytest.mark.parametrize("layout", ["segmented", "gathered"])
+def use_layout(engine: NLIEngine, layout: str, monkeypatch) -> None:
+    """packed: the padding-free forward with per-adapter spans (the default for BERT-family bases);
+    segmented / gathered: HF's padded forward with segments at each adapter's own rank, or rows
+    gathered and padded to r_max (the layout for many adapters a batch)."""
+    assert engine.packed is not None, "both test bases are BERT-family: the engine packs by default"
+    if layout != "packed":
+        monkeypatch.setattr(engine, "packed", None)
+        monkeypatch.setattr(engine, "segmented_max_adapters", 0 if layout == "gathered" else len(NAMES))
+
+
+@pytest.mark.parametrize("layout", ["packed", "segmented", "gathered"])
 def test_mixed_batch_matches_each_adapter_alone(setup, layout, monkeypatch):
     engine, adapters, references = setup
-    # Segments at each adapter's own rank for few adapters; gathered rows padded to r_max for many.
-    monkeypatch.setattr(engine, "segmented_max_adapters", 0 if layout == "gathered" else len(NAMES))
+    use_layout(engine, layout, monkeypatch)
     # Every adapter appears on several rows, interleaved, with different ranks, label sets and targets.
     rows = [(i % len(PAIRS), NAMES[(i * 7) % len(NAMES)]) for i in range(len(PAIRS) * len(NAMES))]
     encoded = engine.encode([PAIRS[i][0] for i, _ in rows], [PAIRS[i][1] for i, _ in rows])
@@ -172,13 +181,14 @@ def test_bf16_engine_matches_fp32_peft_in_mixed_batches(tiny_roberta_spec, rober
     references = {name: reference(tiny_roberta_spec, roberta_adapters / name, adapters[name].labels, False) for name in NAMES}
     rows = [(i % len(PAIRS), NAMES[(i * 7) % len(NAMES)]) for i in range(len(PAIRS) * len(NAMES))]
     encoded = engine.encode([PAIRS[i][0] for i, _ in rows], [PAIRS[i][1] for i, _ in rows])
-    for layout in (len(NAMES), 0):
-        engine.segmented_max_adapters = layout
-        got = engine.run(encoded, [adapters[name] for _, name in rows])
+    for layout in ("packed", "segmented", "gathered"):
+        with monkeypatch.context() as patch:
+            use_layout(engine, layout, patch)
+            got = engine.run(encoded, [adapters[name] for _, name in rows])
         worst = max(
             abs(a - b) for (i, name), probs in zip(rows, got) for a, b in zip(probs, references[name][i])
         )
-        assert worst < BF16_TOLERANCE, worst
+        assert worst < BF16_TOLERANCE, (layout, worst)
 
 
 def test_retired_slots_are_freed_outside_a_forward(tiny_roberta_spec, roberta_adapters):
