@@ -96,7 +96,10 @@ class Settings(BaseSettings):
         "unset: 0.9 on CPU (padding costs in full), 0.5 on CUDA (bigger batches pay off).",
     )
     max_batch_wait_ms: float = Field(
-        2.0, ge=0, description="How long the batcher waits for more requests once one is queued, in ms."
+        2.0,
+        ge=0,
+        description="How long the batcher waits for more requests to fill a batch when more than one pair is "
+        "queued, in ms (a lone pair goes at once).",
     )
     max_queue_pairs: int = Field(
         2048, ge=1, description="Pairs waiting in the queue before new requests get 503 with Retry-After."

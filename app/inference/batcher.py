@@ -225,7 +225,8 @@ class Batcher:
                     self._running_adapters = ()
 
     def _collect(self) -> list[_Item] | None:
-        """Wait for work, give latecomers `max_wait_ms` to join, then take what is queued (bounded).
+        """Wait for work; unless only one pair is queued, give latecomers `max_wait_ms` to join; then
+        take what is queued (bounded).
         What it takes counts as in flight from the same lock section, so the wait estimate never
         loses sight of it."""
         with self._cond:
@@ -236,8 +237,10 @@ class Batcher:
                 self._cond.wait()
             if not self._pending and self._stopping:
                 return None
+            # A lone pair goes at once: waiting would only add to its latency. With more queued there is
+            # concurrent traffic, and latecomers get up to `max_wait_ms` to fill the batch.
             deadline = self._pending[0].enqueued_at + self.max_wait_s
-            while len(self._pending) < self.max_batch_pairs and not self._stopping:
+            while 1 < len(self._pending) < self.max_batch_pairs and not self._stopping:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     break
@@ -272,18 +275,19 @@ class Batcher:
         is paid in full, so a fuller batch beats a bigger one), and the device's slots (a batch never
         mixes more adapters than there are slots for)."""
         max_distinct = self.engine.slots.max_distinct_per_batch
+        packed = self.engine.packed is not None  # no padding: only pairs and real tokens bound a batch
         batches: list[list[int]] = []
         current: list[int] = []
         distinct: set[AdapterWeights] = set()
         real_tokens = 0
         for index in order:
             longest = len(encoded[index])  # sorted ascending: the newest row is the longest
-            padded = (len(current) + 1) * longest
+            padded = real_tokens + longest if packed else (len(current) + 1) * longest
             new_adapter = adapters[index] not in distinct
             if current and (
                 len(current) >= self.max_batch_pairs
                 or padded > self.max_batch_tokens
-                or real_tokens + longest < self.min_fill * padded
+                or (not packed and real_tokens + longest < self.min_fill * padded)
                 or (new_adapter and len(distinct) >= max_distinct)
             ):
                 batches.append(current)

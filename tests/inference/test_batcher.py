@@ -21,8 +21,9 @@ class FakeSlots:
 class FakeEngine:
     """Encodes a pair as len(premise) tokens; answers [len(premise), adapter id]; can block or fail."""
 
-    def __init__(self, max_distinct: int = 8):
+    def __init__(self, max_distinct: int = 8, packed: bool = False):
         self.slots = FakeSlots(max_distinct)
+        self.packed = object() if packed else None  # the engine's padding-free forward, when it has one
         self.freed = threading.Event()
         self.batches: list[list[str]] = []
         self.gate = threading.Event()
@@ -109,6 +110,38 @@ def test_split_keeps_batches_mostly_real_tokens():
     encoded = [EncodedPair([0] * n, None) for n in (10, 10, 11, 30, 31, 32)]
     batches = batcher._split(list(range(6)), encoded, [A] * 6)
     assert batches == [[0, 1, 2], [3, 4, 5]]  # 30 after three rows of ~10 would be 2/3 padding
+
+
+def test_split_for_a_packing_engine_counts_real_tokens_and_ignores_fill():
+    # No padding in the packed forward: rows of 10 and 30 tokens batch together, up to the token budget.
+    batcher = Batcher(
+        FakeEngine(packed=True), max_batch_pairs=8, max_batch_tokens=100, max_wait_ms=0, max_queue_pairs=10, min_fill=0.9
+    )
+    encoded = [EncodedPair([0] * n, None) for n in (10, 10, 11, 30, 31, 32)]
+    batches = batcher._split(list(range(6)), encoded, [A] * 6)
+    assert batches == [[0, 1, 2, 3, 4], [5]]  # 10+10+11+30+31 = 92 real tokens; +32 is over 100
+    padding = Batcher(FakeEngine(), max_batch_pairs=8, max_batch_tokens=100, max_wait_ms=0, max_queue_pairs=10, min_fill=0.9)
+    assert padding._split(list(range(6)), encoded, [A] * 6) == [[0, 1, 2], [3, 4, 5]]  # padded: fill and 3x32 tokens
+
+
+def test_a_lone_pair_goes_at_once_while_several_wait_to_fill():
+    """The batch window (here a minute) applies only when more than one pair is queued."""
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_pairs=4, max_wait_ms=60_000)
+
+    async def main():
+        alone = await asyncio.wait_for(batcher.submit(["xx"], ["h"], [A]), timeout=10)
+        # Two pairs: the worker waits for two more (max_batch_pairs) or the window; two more come.
+        together = await asyncio.gather(
+            batcher.submit(["x", "xxx"], ["h", "h"], [A, B]), batcher.submit(["x" * 4, "x" * 5], ["h", "h"], [B, C])
+        )
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    batcher.stop()
+    assert alone == [[2.0, 1.0]]
+    assert together == [[[1.0, 1.0], [3.0, 2.0]], [[4.0, 2.0], [5.0, 3.0]]]
+    assert [len(b) for b in engine.batches] == [1, 4]
 
 
 def test_split_never_mixes_more_adapters_than_the_slots_hold():
