@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.artifacts import sha256_tag as sha256_file
-from app.inference.adapter_loader import AdapterLoadError
+from app.inference.adapter_loader import AdapterLoadError, load_adapter
 from app.inference.engine import NLIEngine
 from training.synthetic_adapter import write_random_adapter
 
@@ -227,3 +230,53 @@ def test_loaded_adapter_does_not_depend_on_its_file(engine, good):
     weights = good / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert engine.run(encoded, [adapter]) == before
+
+
+def _anonymous_memory() -> tuple[int, int]:
+    """(bytes of anonymous private mappings, RssAnon bytes) of this process, from /proc."""
+    mapped = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 5 and fields[1].endswith("p"):  # no path: anonymous, private
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mapped += end - start
+    status = Path("/proc/self/status").read_text()
+    rss_anon = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:"))
+    return mapped, rss_anon
+
+
+def _host_bytes(adapter) -> int:
+    tensors = [*adapter.a.values(), *adapter.b.values(), *adapter.head.parameters()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
+def test_evicted_adapters_give_their_memory_back(engine, tiny_roberta_spec, tmp_path):
+    """Host-tier churn as the registry does it (loads on loader threads, the least recently used
+    dropped as a new one comes): an adapter's weights are mappings of their own, so dropping the
+    adapters gives their bytes back to the kernel, where malloc's arenas would keep them."""
+    targets = ("query", "key", "value", "dense")  # big enough to count: 1.8 MB a copy
+    path = write_random_adapter(tiny_roberta_spec, tmp_path / "big", name="big", rank=512, target_modules=targets)
+    window: deque = deque(maxlen=4)  # the host tier
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loader") as pool:
+        for _ in range(4):  # first loads pay one-off costs (the threads' arenas, caches): not counted
+            window.append(pool.submit(load_adapter, "big", path, engine.base_info).result())
+        window.clear()
+        gc.collect()
+        mapped_before, rss_before = _anonymous_memory()
+        for _ in range(24):
+            window.append(pool.submit(load_adapter, "big", path, engine.base_info).result())
+    size = _host_bytes(window[0])
+    assert size > 1_500_000
+    # Nothing of the file stays mapped: the weights were copied out of it.
+    assert str(path / "adapter_model.safetensors") not in Path("/proc/self/maps").read_text()
+    mapped_held, rss_held = _anonymous_memory()
+    assert mapped_held - mapped_before > 3.5 * size  # the 4 held (to a few pages)
+    assert rss_held - rss_before > 3.5 * size
+    assert rss_held - rss_before < 6 * size  # the 20 dropped ones are not held too
+
+    window.clear()
+    gc.collect()
+    mapped_after, rss_after = _anonymous_memory()
+    assert mapped_after - mapped_before < size
+    assert rss_after - rss_before < size
