@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes; larger gets 413."
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry (spans, metrics and logs through the globally configured "
+        "providers). Off: `/metrics` serves Prometheus, and the check costs every request.",
+    )
 
     # NLI: base model and adapters
     nli_enabled: bool = Field(True, description="Load the NLI base model and adapters at startup.")

@@ -59,6 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="One frozen encoder, many LoRA adapters chosen per request, and a fraud scorer.",
         lifespan=lifespan,
+        # FastAPI asks the global OpenTelemetry providers on every request whether to trace it; with
+        # nobody tracing, that was a tenth of the event loop's time per request (docs/benchmarks.md).
+        telemetry={key: settings.opentelemetry for key in ("tracing", "metrics", "logs")},
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -49,3 +49,18 @@ def test_requests_that_never_reach_a_route_are_labelled_by_the_path_they_belong_
     assert value(text, 'loraswap_http_requests_total{method="GET",route="/static/{path:path}",status="200"}') == 1
     assert value(text, 'loraswap_http_requests_total{method="POST",route="/nli",status="413"}') == 1
     assert value(text, 'loraswap_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
+
+
+def test_opentelemetry_is_asked_per_request_only_when_turned_on(monkeypatch):
+    """FastAPI's native OpenTelemetry checks the global providers on every request; off by default."""
+    from opentelemetry import trace
+
+    asked = []
+    real = trace.get_tracer_provider
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: asked.append(1) or real())
+    for enabled, expect_asked in ((False, False), (True, True)):
+        asked.clear()
+        settings = Settings(fraud_enabled=False, nli_enabled=False, opentelemetry=enabled)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/healthz").status_code == 200
+        assert bool(asked) is expect_asked
