@@ -54,13 +54,16 @@ def packable(encoder: nn.Module, config) -> bool:
 class AttentionBlock:
     """Sequences of similar length attended together: `gather` [n * width] token indices into the
     packed matrix (padding points at token 0 and is masked), `mask` [n, 1, 1, width] (True: a real
-    key), and `real` [real tokens] the positions of the real tokens in the flattened block."""
+    key), and `real` [real tokens] the positions of the real tokens in the flattened block. A block of
+    equal-length sequences that lie next to each other in the packed matrix (a lone sequence, say) is
+    a plain slice from `first`: no gather, no mask."""
 
     sequences: int
     width: int
-    gather: torch.Tensor
-    mask: torch.Tensor
-    real: torch.Tensor
+    gather: torch.Tensor | None
+    mask: torch.Tensor | None
+    real: torch.Tensor | None
+    first: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, tokens]
     starts: torch.Tensor  # [sequences]
     blocks: tuple[AttentionBlock, ...]
-    unblock: torch.Tensor  # [tokens]: for each packed token, its row in the blocks' concatenated output
+    unblock: torch.Tensor | None  # [tokens]: each packed token's row in the blocks' output; None: the same order
 
 
 def pack(
@@ -100,6 +103,12 @@ def pack(
     block_order: list[int] = []  # packed token index of each real token, in the blocks' output order
     for members in _attention_blocks(lengths, block_fill):
         width = max(lengths[s] for s in members)
+        members.sort()
+        if all(lengths[s] == width for s in members) and members == list(range(members[0], members[-1] + 1)):
+            first = starts[members[0]]
+            blocks.append(AttentionBlock(len(members), width, None, None, None, first=first))
+            block_order.extend(range(first, first + width * len(members)))
+            continue
         gather = []
         real = []
         for row, s in enumerate(members):
@@ -120,16 +129,18 @@ def pack(
                 real=torch.tensor(real, dtype=torch.long).to(device),
             )
         )
-    unblock = [0] * total
+    unblock: list[int] | None = [0] * total
     for out_row, token in enumerate(block_order):
         unblock[token] = out_row
+    if block_order == list(range(total)):
+        unblock = None
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long).to(device),
         token_type_ids=torch.tensor([types], dtype=torch.long).to(device) if types is not None else None,
         position_ids=torch.tensor([positions], dtype=torch.long).to(device),
         starts=torch.tensor(starts, dtype=torch.long).to(device),
         blocks=tuple(blocks),
-        unblock=torch.tensor(unblock, dtype=torch.long).to(device),
+        unblock=torch.tensor(unblock, dtype=torch.long).to(device) if unblock is not None else None,
     )
 
 
@@ -198,10 +209,11 @@ class PackedEncoder:
             n, width = block.sequences, block.width
 
             def split(x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [n, heads, width, size]
-                return x.index_select(0, block.gather).view(n, width, heads, size).transpose(1, 2)
+                rows = x.narrow(0, block.first, n * width) if block.gather is None else x.index_select(0, block.gather)
+                return rows.view(n, width, heads, size).transpose(1, 2)
 
             context = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=block.mask)
             context = context.transpose(1, 2).reshape(n * width, heads * size)
-            outputs.append(context.index_select(0, block.real))
+            outputs.append(context if block.real is None else context.index_select(0, block.real))
         stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return stacked.index_select(0, batch.unblock)
+        return stacked if batch.unblock is None else stacked.index_select(0, batch.unblock)

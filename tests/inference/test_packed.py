@@ -23,11 +23,22 @@ def test_pack_lays_sequences_end_to_end_and_blocks_cover_every_token_once():
     assert batch.position_ids.tolist() == [[2, 3, 4, 2, 2, 3, 4, 5, 6, 7, 2, 3]]  # restart per sequence
     assert batch.starts.tolist() == [0, 3, 4, 10]
     # Every real token is gathered exactly once across the blocks, and `unblock` undoes the order.
-    gathered = torch.cat([block.gather.index_select(0, block.real) for block in batch.blocks])
+    gathered = torch.cat([
+        torch.arange(b.first, b.first + b.sequences * b.width) if b.gather is None else b.gather.index_select(0, b.real)
+        for b in batch.blocks
+    ])
     assert sorted(gathered.tolist()) == list(range(12))
     assert gathered.index_select(0, batch.unblock).tolist() == list(range(12))
     for block in batch.blocks:
-        assert int(block.mask.sum()) == block.real.numel()
+        assert block.gather is None or int(block.mask.sum()) == block.real.numel()
+
+
+def test_a_lone_sequence_or_a_run_of_equal_lengths_is_attended_as_a_slice():
+    lone = pack([[5, 6, 7]], None, position_offset=0, device=torch.device("cpu"))
+    assert [(b.gather, b.mask, b.first) for b in lone.blocks] == [(None, None, 0)] and lone.unblock is None
+    same = pack([[1, 2], [3, 4], [5, 6, 7, 8, 9, 10, 11]], None, position_offset=0, device=torch.device("cpu"))
+    assert [(b.sequences, b.gather, b.first) for b in same.blocks] == [(2, None, 0), (1, None, 4)]
+    assert same.unblock is None
 
 
 def test_attention_blocks_keep_padding_under_the_fill_bound():
