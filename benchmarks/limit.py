@@ -1,9 +1,15 @@
-"""The in-process limit: the merged model, no server, no LoRA, length-sorted batches of the pairs."""
+"""The in-process limit: the merged model, no server, no LoRA, length-sorted batches of the pairs.
+
+It is the best this machine does with that model in-process: `calibrate` times every configuration
+(HF's padded forward and loraswap's padding-free one, several batch sizes, the servers' thread count
+and all cores) on the warm-up pairs and keeps the fastest at the servers' thread count; the whole
+sweep goes into the results, so an all-cores figure is on record too."""
 
 from __future__ import annotations
 
 import logging
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from app.inference.base_model import load_tokenizer, resolve_base
+from app.inference.base_model import encoder_of, head_of, load_tokenizer, resolve_base
+from app.inference.packed import PackedEncoder, pack
 from benchmarks.workload import Pair
 
 logger = logging.getLogger(__name__)
@@ -41,24 +48,68 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MODES = ("padded", "packed")
+
+
 class LimitRunner:
     """The merged model loaded once in this process (bf16 on CUDA, SDPA attention like the server).
 
     `run` sorts the pairs it is given by token length (known ahead, as a limit may), cuts them into
     batches, and times tokenizing and running them. The batches go in a shuffled order, so stopping
-    at a time limit leaves a fair sample of short and long ones.
+    at a time limit leaves a fair sample of short and long ones. `mode` padded: HF's forward on
+    padded batches; packed: loraswap's padding-free forward (app/inference/packed.py) on the same model.
     """
 
     def __init__(self, model_dir: Path, *, device: str, batch_size: int, max_seq_len: int, torch_threads: int):
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        self.torch_threads = torch_threads or torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads)
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.mode = "padded"
         self.max_seq_len = max_seq_len
+        self.sweep: list[dict] = []
         self.tokenizer = load_tokenizer(resolve_base(str(model_dir)))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="sdpa")
         self.model.eval().to(self.device, dtype)
+        self.packed = PackedEncoder(encoder_of(self.model), self.model.config)
+        self.uses_pooler = self.model.config.model_type == "bert"
+
+    @property
+    def config(self) -> dict:
+        return {"mode": self.mode, "batch": self.batch_size, "torch_threads": self.torch_threads}
+
+    def calibrate(self, pairs: list[Pair], *, batch_sizes=(16, 32), modes=MODES, thread_counts=()) -> dict:
+        """Time every forward and batch size on `pairs` (after an untimed pass each) at this runner's
+        thread count and keep the fastest; then time that one at each of `thread_counts` too, for the
+        record (not chosen: the servers are held to this runner's count)."""
+        best: tuple[float, str, int] | None = None
+        for mode in modes:
+            for batch in batch_sizes:
+                pairs_s = self._time(pairs, mode, batch, self.torch_threads)
+                if best is None or pairs_s > best[0]:
+                    best = (pairs_s, mode, batch)
+        assert best is not None
+        _, self.mode, self.batch_size = best
+        for threads in thread_counts:
+            if threads != self.torch_threads:
+                self._time(pairs, self.mode, self.batch_size, threads)
+        torch.set_num_threads(self.torch_threads)
+        logger.info("limit: the fastest at %d threads is %s", self.torch_threads, self.config)
+        return self.config
+
+    def _time(self, pairs: list[Pair], mode: str, batch: int, threads: int) -> float:
+        saved = self.mode, self.batch_size
+        self.mode, self.batch_size = mode, batch
+        torch.set_num_threads(threads)
+        try:
+            self.warm_up(pairs)
+            pairs_s = self.run(pairs, max_duration_s=float("inf")).pairs_s
+        finally:
+            self.mode, self.batch_size = saved
+            torch.set_num_threads(self.torch_threads)
+        self.sweep.append({"mode": mode, "batch": batch, "torch_threads": threads, "pairs_s": round(pairs_s, 1)})
+        return pairs_s
 
     def _batches(self, pairs: list[Pair]) -> list[list[Pair]]:
         lengths = self.tokenizer(
@@ -68,6 +119,14 @@ class LimitRunner:
         return [[pairs[i] for i in order[s : s + self.batch_size]] for s in range(0, len(order), self.batch_size)]
 
     def _forward(self, batch: list[Pair]) -> list[list[float]]:
+        if self.mode == "packed":
+            encoded = self.tokenizer(
+                [p.premise for p in batch], [p.hypothesis for p in batch], truncation=True, max_length=self.max_seq_len
+            )
+            packed = pack(encoded["input_ids"], encoded.get("token_type_ids"),
+                          position_offset=self.packed.position_offset, device=self.device)
+            logits = head_of(self.model)(self.packed(packed, use_pooler=self.uses_pooler))
+            return torch.softmax(logits.float(), dim=-1).cpu().tolist()
         inputs = self.tokenizer(
             [p.premise for p in batch],
             [p.hypothesis for p in batch],
@@ -103,3 +162,31 @@ class LimitRunner:
             duration, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         logger.info("limit: %d pairs in %.2f s = %.1f pairs/s", done, duration, done / duration)
         return LimitResult(pairs=done, duration_s=duration, cpu_s=cpu)
+
+
+def single_pair_times(runner: LimitRunner, pairs: list[Pair], *, modes=MODES) -> dict:
+    """The in-process time of one pair alone (tokenize, forward, softmax), per pair, in each forward;
+    the faster forward's median is the reference for a server's concurrency-1 latency."""
+    saved = runner.mode, runner.batch_size
+    by_mode = {}
+    try:
+        with torch.inference_mode():
+            for mode in modes:
+                runner.mode = mode
+                runner._forward([pairs[0]])  # untimed: first-call costs
+                times = []
+                for pair in pairs:
+                    _sync(runner.device)
+                    started = time.perf_counter()
+                    runner._forward([pair])
+                    _sync(runner.device)
+                    times.append((time.perf_counter() - started) * 1000.0)
+                times.sort()
+                by_mode[mode] = {
+                    "p50_ms": round(statistics.median(times), 2),
+                    "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 2),
+                }
+    finally:
+        runner.mode, runner.batch_size = saved
+    best = min(by_mode, key=lambda m: by_mode[m]["p50_ms"])
+    return {"mode": best, **by_mode[best], "by_mode": by_mode}

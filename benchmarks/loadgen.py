@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import math
 import time
+from urllib.parse import urlsplit
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -156,3 +158,42 @@ async def run_closed_loop(
 async def warm_up(client: httpx.AsyncClient, plan: list[PlannedRequest], *, concurrency: int) -> LoadResult:
     """Untimed traffic first: lazy initialisation, thread pools and allocator growth happen here."""
     return await run_closed_loop(client, plan, concurrency=concurrency, max_duration_s=300.0)
+
+
+def run_one_at_a_time(base_url: str, plan: list[PlannedRequest], *, path: str = "/nli") -> LoadResult:
+    """Concurrency 1: each request sent when the previous one is answered, over one keep-alive
+    connection of the standard library's http.client (light enough that the client's own time stays
+    a small part of a single request's round trip). Blocking: run it in a thread from async code."""
+    parts = urlsplit(base_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    started = time.perf_counter()
+    try:
+        for request in plan:
+            sent = time.perf_counter()
+            try:
+                connection.request("POST", path, body=request.body, headers=JSON_HEADERS)
+                response = connection.getresponse()
+                error = _check_raw(response.status, response.read(), request)
+            except (OSError, http.client.HTTPException) as exc:
+                error = type(exc).__name__
+                connection.close()  # reconnects on the next request
+            if error is None:
+                latencies.append((time.perf_counter() - sent) * 1000.0)
+            else:
+                errors[error] += 1
+    finally:
+        connection.close()
+    return LoadResult(
+        requests=len(plan),
+        ok=len(latencies),
+        errors=sum(errors.values()),
+        errors_by_kind=dict(errors),
+        duration_s=time.perf_counter() - started,
+        latencies_ms=latencies,
+    )
+
+
+def _check_raw(status: int, body: bytes, request: PlannedRequest) -> str | None:
+    return check_response(httpx.Response(status, content=body), request)

@@ -61,9 +61,10 @@ def markdown(results: dict) -> str:
         )
     if results.get("limit_pairs_s") is not None:
         lines.append(
-            f"| limit (in-process, batches of {results['limit_batch']}) | {_fmt(results['limit_pairs_s'])} "
+            f"| limit (in-process, {_limit_config(results.get('limit_config'))}) | {_fmt(results['limit_pairs_s'])} "
             f"| | | | | {results.get('limit_pairs') or ''} | {_fmt(results.get('limit_cpu_ms_per_pair'))} | |"
         )
+    lines += _single_rows(results)
     lines += [
         "",
         f"loraswap / naive_peft = {_fmt(results.get('ratio_vs_naive'), 2)}, "
@@ -81,6 +82,32 @@ def markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _single_rows(results: dict) -> list[str]:
+    """The concurrency-1 table: one request at a time, against one pair alone in-process."""
+    rows = [(name, results["systems"][name].get("single")) for name in SERVED if name in results["systems"]]
+    rows = [(name, single) for name, single in rows if single]
+    limit = results.get("limit_single")
+    if not rows and not limit:
+        return []
+    lines = [
+        "",
+        f"Concurrency 1 ({results.get('single_requests')} requests, one at a time, one keep-alive connection):",
+        "",
+        "| system | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {_fmt(s['p50_ms'])} | {_fmt(s['p99_ms'])} | {s['errors']} |" for name, s in rows]
+    if limit:
+        lines.append(f"| one pair alone in-process ({limit['mode']} forward) | {_fmt(limit['p50_ms'])} | "
+                     f"{_fmt(limit['p99_ms'])} | |")
+    lines += [
+        "",
+        f"loraswap p50 / in-process p50 = {_fmt(results.get('single_p50_ratio'), 2)}, "
+        f"loraswap p99 / in-process p50 = {_fmt(results.get('single_p99_ratio'), 2)}.",
+    ]
+    return lines
 
 
 def _setting(results: dict) -> str:
@@ -134,3 +161,9 @@ def write_report(results: dict, out: Path) -> list[Path]:
     plot_throughput(results, paths[1])
     plot_latency(results, paths[2])
     return paths
+
+
+def _limit_config(config: dict | None) -> str:
+    if not config:
+        return "n/a"
+    return f"{config['mode']} forward, batches of {config['batch']}, {config['torch_threads']} threads"

@@ -30,7 +30,7 @@ import httpx
 
 from benchmarks import machine
 from benchmarks.adapter_sets import AdapterSet, prepare_adapters
-from benchmarks.loadgen import LoadResult, make_client, run_closed_loop, warm_up
+from benchmarks.loadgen import LoadResult, make_client, run_closed_loop, run_one_at_a_time, warm_up
 from benchmarks.report import write_report
 from benchmarks.servers import ServerProcess, free_port, histogram_delta, loraswap_command, scrape_histogram
 from benchmarks.workload import POPULARITIES, PlannedRequest, build_plan, load_pairs, retarget
@@ -41,8 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVED = ("loraswap", "naive_peft", "merged")
 DEFAULT_TORCH_THREADS = max(1, (os.cpu_count() or 2) - 1)
 SYSTEMS = (*SERVED, "limit")
-QUICK = {"requests": 1200, "duration": 30.0, "warmup": 64, "concurrency": 32, "adapters": 3, "rounds": 3}
-FULL = {"requests": 4000, "duration": 120.0, "warmup": 128, "concurrency": 32, "adapters": 3, "rounds": 4}
+CALIBRATION_PAIRS = 256  # pairs of the plan each configuration of the limit is timed on
+QUICK = {"requests": 1200, "duration": 30.0, "warmup": 64, "concurrency": 32, "adapters": 3, "rounds": 3, "single": 150}
+FULL = {"requests": 4000, "duration": 120.0, "warmup": 128, "concurrency": 32, "adapters": 3, "rounds": 4, "single": 400}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,11 +63,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="interleaved measurement rounds")
     parser.add_argument("--warmup", type=int, help="untimed requests per system before measuring")
     parser.add_argument(
+        "--single", type=int,
+        help="requests per system sent one at a time after the rounds (the concurrency-1 row), and pairs timed "
+        "alone in-process as its reference",
+    )
+    parser.add_argument(
         "--torch-threads", type=int, default=DEFAULT_TORCH_THREADS,
         help="torch CPU threads, the same for every system (default: cores - 1, leaving one core to the load "
         "generator and the servers' event loops, which share the machine; here %(default)s)",
     )
-    parser.add_argument("--limit-batch", type=int, default=16, help="batch size of the in-process limit")
+    parser.add_argument(
+        "--limit-batches", default="16,32",
+        help="batch sizes the in-process limit is calibrated over (with both forwards; the fastest is kept)",
+    )
     parser.add_argument("--max-seq-len", type=int, default=256, help="tokens a pair is truncated to, everywhere")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of %s" % (SYSTEMS,))
     parser.add_argument(
@@ -80,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.limit_batches = [int(b) for b in args.limit_batches.split(",") if b.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
@@ -180,6 +190,18 @@ async def measure(servers: dict[str, ServerProcess], plans: dict[str, tuple[list
                                 result.throughput_pairs_s, result.errors)
             server_cpu = {n: s.cpu_s() - server_cpu[n] for n, s in servers.items()}
             after = {n: scrape_histogram_at(scraper, s.url) for n, s in servers.items()}
+        # The concurrency-1 row, after the rounds (its traffic stays out of their batch and CPU figures):
+        # each system answers the same requests one at a time; the limit times the same pairs alone.
+        single_plan = plans[names[0]][1][: args.single] if args.single else []
+        single = {}
+        for name, server in servers.items():
+            if single_plan:
+                requests = plans[name][1][: args.single]
+                single[name] = (await asyncio.to_thread(run_one_at_a_time, server.url, requests)).summary()
+        if limit is not None and single_plan:
+            from benchmarks.limit import single_pair_times
+
+            single["limit"] = single_pair_times(limit, [r.pair for r in single_plan])
     finally:
         for client in clients.values():
             await client.aclose()
@@ -194,12 +216,16 @@ async def measure(servers: dict[str, ServerProcess], plans: dict[str, tuple[list
         summary["client_cpu_ms_per_request"] = round(1000.0 * client_cpu[name] / max(1, result.requests), 2)
         summary["rounds_pairs_s"] = [round(p.throughput_pairs_s, 1) for p in phases[name]]
         summary["startup_s"] = round(servers[name].startup_s or 0.0, 2)
+        summary["single"] = single.get(name)
         out[name] = summary
     if limit is not None:
         total = phases["limit"][0]
         for part in phases["limit"][1:]:
             total = total + part
         out["limit"] = {
+            "config": limit.config,
+            "sweep": limit.sweep,
+            "single": single.get("limit"),
             "pairs_s": total.pairs_s,
             "pairs": total.pairs,
             "cpu_ms_per_pair": total.cpu_ms_per_pair,
@@ -212,6 +238,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if not numerator or not denominator:
         return None
     return round(numerator / denominator, 3)
+
+
+def _single_ratio(systems: dict, limit: dict | None, key: str) -> float | None:
+    """loraswap's concurrency-1 latency (`key`: p50_ms or p99_ms) over the in-process single-pair median."""
+    served = (systems.get("loraswap") or {}).get("single") or {}
+    reference = (limit or {}).get("single") or {}
+    return ratio(served.get(key), reference.get("p50_ms"))
 
 
 def assemble_results(
@@ -250,10 +283,16 @@ def assemble_results(
         "limit_pairs": limit["pairs"] if limit else None,
         "limit_cpu_ms_per_pair": round(limit["cpu_ms_per_pair"], 2) if limit else None,
         "limit_rounds_pairs_s": limit["rounds_pairs_s"] if limit else None,
-        "limit_batch": args.limit_batch,
+        "limit_config": limit["config"] if limit else None,
+        "limit_sweep": limit["sweep"] if limit else None,
         "ratio_vs_naive": ratio(loraswap, systems.get("naive_peft", {}).get("throughput_pairs_s")),
         "ratio_vs_merged": ratio(loraswap, systems.get("merged", {}).get("throughput_pairs_s")),
         "ratio_vs_limit": ratio(loraswap, limit_pairs_s),
+        # Concurrency 1: loraswap's round trip against one pair alone in-process (tokenize, forward, softmax).
+        "single_requests": args.single,
+        "limit_single": limit.get("single") if limit else None,
+        "single_p50_ratio": _single_ratio(systems, limit, "p50_ms"),
+        "single_p99_ratio": _single_ratio(systems, limit, "p99_ms"),
         "wall_s": round(wall_s, 1),
         **machine.run_record(description, "benchmarks.serving", argv),
     }
@@ -337,8 +376,12 @@ def main(argv: list[str] | None = None) -> dict:
                 check_adapters_ready(servers[name].url, adapters.names if name == "loraswap" else [merged.adapter_name])
         limit = None
         if "limit" in args.systems:
-            limit = LimitRunner(merged.base_dir, device=args.device, batch_size=args.limit_batch,
+            limit = LimitRunner(merged.base_dir, device=args.device, batch_size=args.limit_batches[0],
                                 max_seq_len=args.max_seq_len, torch_threads=args.torch_threads)
+            # The best this machine does in-process: both forwards and every batch size, at the servers'
+            # thread count (the sweep also records all cores, for the record).
+            limit.calibrate([r.pair for r in plan[:CALIBRATION_PAIRS]], batch_sizes=args.limit_batches,
+                            thread_counts=(os.cpu_count() or 1,))
             plans["limit"] = (warmup, plan)
         logger.info("%d rounds of up to %d requests per system at concurrency %d", args.rounds,
                     -(-args.requests // args.rounds), args.concurrency)

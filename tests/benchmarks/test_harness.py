@@ -108,12 +108,18 @@ def test_results_schema_and_report_from_a_tiny_run(tmp_path):
     plan = build_plan(load_pairs(), ["mnli", "snli", "rte"], "zipf", 24, seed=0)
     systems = {name: run_fake(plan).summary() for name in ("loraswap", "naive_peft", "merged")}
     systems["loraswap"]["batch_sizes"] = {"batches": 2, "mean": 12.0, "histogram": {"9-16": 2}}
+    systems["loraswap"]["single"] = {"p50_ms": 10.0, "p99_ms": 14.0, "errors": 0}
     results = assemble_results(
         args,
         base="test base",
         adapters=AdapterSet(root=tmp_path, names=["mnli", "snli", "rte"], kind="synthetic"),
         systems=systems,
-        limit={"pairs_s": 1000.0, "pairs": 24, "cpu_ms_per_pair": 1.0, "rounds_pairs_s": [1000.0]},
+        limit={
+            "pairs_s": 1000.0, "pairs": 24, "cpu_ms_per_pair": 1.0, "rounds_pairs_s": [1000.0],
+            "config": {"mode": "packed", "batch": 32, "torch_threads": 1},
+            "sweep": [{"mode": "packed", "batch": 32, "torch_threads": 1, "pairs_s": 1000.0}],
+            "single": {"mode": "packed", "p50_ms": 8.0, "p99_ms": 9.0, "by_mode": {}},
+        },
         description={"cpu": "test cpu", "cores": 2, "load_average_1_5_15": [0.1, 0.1, 0.1]},
         wall_s=1.0,
         argv=["--quick"],
@@ -129,10 +135,12 @@ def test_results_schema_and_report_from_a_tiny_run(tmp_path):
     assert results["ratio_vs_naive"] == pytest.approx(loraswap / throughput["naive_peft"], rel=1e-2)
     assert results["ratio_vs_merged"] == pytest.approx(loraswap / throughput["merged"], rel=1e-2)
     assert results["ratio_vs_limit"] == pytest.approx(loraswap / 1000.0, rel=1e-2)
+    assert results["single_p50_ratio"] == 1.25 and results["single_p99_ratio"] == 1.75  # both over the in-process p50
 
     paths = write_report(results, tmp_path)
     table = (tmp_path / "results.md").read_text()
     assert all(name in table for name in ("loraswap", "naive_peft", "merged", "limit"))
+    assert "Concurrency 1" in table and "packed forward, batches of 32" in table
     for png in paths[1:]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -144,12 +152,16 @@ def test_quick_shaped_run_end_to_end(tmp_path):
 
     results = main([
         "--out", str(tmp_path), "--requests", "12", "--warmup", "4", "--concurrency", "4", "--duration", "60",
-        "--limit-batch", "4",
+        "--limit-batches", "4", "--single", "3",
     ])
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["systems"].keys() == {"loraswap", "naive_peft", "merged"}
     for system in on_disk["systems"].values():
         assert system["errors"] == 0 and system["requests"] == 12
     assert results["limit_pairs_s"] > 0 and results["ratio_vs_limit"] > 0
+    assert {(c["mode"], c["batch"]) for c in results["limit_sweep"]} == {("padded", 4), ("packed", 4)}
+    for system in on_disk["systems"].values():
+        assert system["single"]["errors"] == 0 and system["single"]["requests"] == 3
+    assert results["single_p50_ratio"] > 0 and results["limit_single"]["p50_ms"] > 0
     assert isinstance(on_disk["systems"]["loraswap"]["batch_sizes"], dict)  # read from /metrics
     assert (tmp_path / "throughput.png").exists() and (tmp_path / "latency.png").exists()
