@@ -105,7 +105,8 @@ def _single_rows(results: dict) -> list[str]:
     lines += [
         "",
         f"loraswap p50 / in-process p50 = {_fmt(results.get('single_p50_ratio'), 2)}, "
-        f"loraswap p99 / in-process p50 = {_fmt(results.get('single_p99_ratio'), 2)}.",
+        f"loraswap p99 / in-process p99 = {_fmt(results.get('single_p99_ratio'), 2)} "
+        f"(/ in-process p50 = {_fmt(results.get('single_p99_over_inprocess_p50'), 2)}).",
     ]
     return lines
 
