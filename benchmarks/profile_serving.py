@@ -50,6 +50,7 @@ PARTS: list[tuple[str, re.Pattern]] = [
         ("embeddings", r"^(BertEmbeddings|RobertaEmbeddings|XLMRobertaEmbeddings)\.forward"),
         ("tokenization", r"^NLIEngine\.encode"),
         ("packing and padding", r"^(pack |pack\.<|_attention_blocks|NLIEngine\._pad)"),
+        ("layer glue (module calls, residuals, views)", r"^(Module\._(wrapped_)?call_impl|PackedEncoder\.|BertLayer|RobertaLayer)"),
         ("heads, softmax, results", r"^NLIEngine\.(_run_packed|run) "),
         ("metrics", r"prometheus_client|app/services/metrics\.py"),
         ("request validation (pydantic)", r"pydantic|request_body_to_args|_validate_value|validate_python"),
