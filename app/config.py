@@ -91,14 +91,18 @@ class Settings(BaseSettings):
     max_pairs_per_request: int = Field(256, ge=1, description="Largest `POST /nli/batch`, in pairs.")
     max_batch_pairs: int = Field(32, ge=1, description="Most pairs in one forward pass.")
     max_batch_tokens: int = Field(
-        8192, ge=64, description="Most padded tokens (rows x longest row) in one forward pass."
+        8192,
+        ge=64,
+        description="Most tokens in one forward pass: real tokens where the engine packs rows end to end "
+        "(BERT-family bases), rows x longest row where it pads.",
     )
     min_batch_fill_ratio: float | None = Field(
         None,
         ge=0,
         le=1,
         description="A batch ends before a row that would leave less than this share of its padded tokens real; "
-        "unset: 0.9 on CPU (padding costs in full), 0.5 on CUDA (bigger batches pay off).",
+        "unset: 0.9 on CPU (padding costs in full), 0.5 on CUDA (bigger batches pay off). Only where rows are "
+        "padded: a packing engine (BERT-family bases) has no padding to bound.",
     )
     max_batch_wait_ms: float = Field(
         2.0,

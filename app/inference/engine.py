@@ -191,18 +191,7 @@ class NLIEngine:
                 token_spans[adapter] = (token, token + tokens)
                 row_spans[adapter] = (row, row + len(rows))
                 token, row = token + tokens, row + len(rows)
-            self.context.deltas = {
-                module: ModuleDelta(
-                    self.slots.a[module],
-                    self.slots.b[module],
-                    spans=[
-                        Span(*(row_spans if module in POOLER_MODULES else token_spans)[adapter], slot_of[adapter], adapter.rank)
-                        for adapter in rows_of
-                        if module in adapter.a
-                    ],
-                )
-                for module in set().union(*(adapter.a.keys() for adapter in rows_of))
-            }
+            self.context.deltas = self._span_deltas(token_spans, row_spans, slot_of)
             try:
                 features = self.packed(batch, use_pooler=self.uses_pooler)  # one row per sequence, in `order`
             finally:
@@ -214,6 +203,25 @@ class NLIEngine:
                 for original, p in zip(order[start:stop], probs):
                     probabilities[original] = p
         return probabilities  # type: ignore[return-value]
+
+    def _span_deltas(
+        self,
+        token_spans: dict[AdapterWeights, tuple[int, int]],
+        row_spans: dict[AdapterWeights, tuple[int, int]],
+        slot_of: dict[AdapterWeights, int],
+    ) -> dict[str, ModuleDelta]:
+        """Per wrapped module, each adapter's contiguous span: of tokens, or of sequences for the pooler."""
+        deltas: dict[str, ModuleDelta] = {}
+        for module in set().union(*(adapter.a.keys() for adapter in token_spans)):
+            spans = row_spans if module in POOLER_MODULES else token_spans
+            deltas[module] = ModuleDelta(
+                self.slots.a[module],
+                self.slots.b[module],
+                spans=[
+                    Span(*spans[adapter], slot_of[adapter], adapter.rank) for adapter in spans if module in adapter.a
+                ],
+            )
+        return deltas
 
     def free_retired(self) -> int:
         """Empty the slots of unloaded, replaced or evicted adapters (worker thread)."""
