@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.artifacts import sha256_tag as sha256_file
-from app.inference.adapter_loader import AdapterLoadError, load_adapter
+from app.inference.adapter_loader import AdapterLoadError, HostSlab, load_adapter
 from app.inference.engine import NLIEngine
 from training.synthetic_adapter import write_random_adapter
 
@@ -254,7 +254,8 @@ def _host_bytes(adapter) -> int:
 def test_evicted_adapters_give_their_memory_back(engine, tiny_roberta_spec, tmp_path):
     """Host-tier churn as the registry does it (loads on loader threads, the least recently used
     dropped as a new one comes): an adapter's weights are mappings of their own, so dropping the
-    adapters gives their bytes back to the kernel, where malloc's arenas would keep them."""
+    adapters gives their bytes back to the kernel (all but the few spares kept for the next loads),
+    where malloc's arenas would keep them."""
     targets = ("query", "key", "value", "dense")  # big enough to count: 1.8 MB a copy
     path = write_random_adapter(tiny_roberta_spec, tmp_path / "big", name="big", rank=512, target_modules=targets)
     window: deque = deque(maxlen=4)  # the host tier
@@ -263,6 +264,7 @@ def test_evicted_adapters_give_their_memory_back(engine, tiny_roberta_spec, tmp_
             window.append(pool.submit(load_adapter, "big", path, engine.base_info).result())
         window.clear()
         gc.collect()
+        HostSlab.drop_spares()
         mapped_before, rss_before = _anonymous_memory()
         for _ in range(24):
             window.append(pool.submit(load_adapter, "big", path, engine.base_info).result())
@@ -273,10 +275,14 @@ def test_evicted_adapters_give_their_memory_back(engine, tiny_roberta_spec, tmp_
     mapped_held, rss_held = _anonymous_memory()
     assert mapped_held - mapped_before > 3.5 * size  # the 4 held (to a few pages)
     assert rss_held - rss_before > 3.5 * size
-    assert rss_held - rss_before < 6 * size  # the 20 dropped ones are not held too
+    assert rss_held - rss_before < 6 * size  # the 20 dropped ones are not held too (the spares are)
 
     window.clear()
     gc.collect()
+    mapped_kept, rss_kept = _anonymous_memory()
+    assert mapped_kept - mapped_before < HostSlab.SPARES / 2 * size + size  # only the spares stay
+    assert rss_kept - rss_before < HostSlab.SPARES / 2 * size + size
+    HostSlab.drop_spares()
     mapped_after, rss_after = _anonymous_memory()
     assert mapped_after - mapped_before < size
     assert rss_after - rss_before < size
