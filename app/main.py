@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="One frozen encoder, many LoRA adapters chosen per request, and a fraud scorer.",
         lifespan=lifespan,
         # FastAPI asks the global OpenTelemetry providers on every request whether to trace it; with
-        # nobody tracing, that was a tenth of the event loop's time per request (docs/benchmarks.md).
+        # nobody tracing, that was 9% of the event loop's samples under load (docs/benchmarks.md).
         telemetry={key: settings.opentelemetry for key in ("tracing", "metrics", "logs")},
     )
     app.state.settings = settings

@@ -191,11 +191,7 @@ def markdown(results: dict) -> str:
         "",
         f"Threshold with the least total CPU time over these k (segmented for k <= T): {best}. "
         f"Largest probability difference between the layouts: {worst:.2e}.",
-        "",
-        f"Load average {results['machine']['load_average_1_5_15']} before, {results['load_average_after']} after.",
-        "",
-        f"Command: `{results['command']}`",
-        "",
+        *machine.footer(results),
     ]
     return "\n".join(lines)
 

@@ -95,6 +95,17 @@ def run_record(description: dict, module: str, argv: list[str] | None) -> dict:
     }
 
 
+def footer(results: dict) -> list[str]:
+    """The markdown lines a results table ends with: the load before and after, and the exact command."""
+    return [
+        "",
+        f"Load average {results['machine']['load_average_1_5_15']} before, {results['load_average_after']} after.",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+    ]
+
+
 def write_results(out: Path, stem: str, results: dict, render: Callable[[dict], str]) -> None:
     """`<stem>.json` and `<stem>.md` under `out`, and the markdown on stdout."""
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -208,11 +208,7 @@ def markdown(results: dict) -> str:
         f"{a['per_extra_adapter_vs_file']:.2f}x its file (target <= {a['target_per_adapter_vs_file']}x: "
         f"{'met' if a['target_met'] else 'missed'}). Each full copy: {f['per_copy_bytes'] / 1e6:.0f} MB of RSS, "
         f"{f['disk_bytes_per_copy'] / 1e6:.0f} MB on disk.",
-        "",
-        f"Load average {results['machine']['load_average_1_5_15']} before, {results['load_average_after']} after.",
-        "",
-        f"Command: `{results['command']}`",
-        "",
+        *machine.footer(results),
     ]
     return "\n".join(lines)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import re
 import shutil
@@ -32,8 +31,6 @@ from benchmarks.adapter_sets import prepare_adapters
 from benchmarks.loadgen import make_client, run_closed_loop, warm_up
 from benchmarks.servers import ServerProcess, free_port, loraswap_command
 from benchmarks.workload import build_plan, load_pairs
-
-logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_RATE_HZ = 200
@@ -207,12 +204,9 @@ def markdown(results: dict) -> str:
             if ms >= 0.01:
                 lines.append(f"| {thread} | {part} | {ms:.2f} |")
         lines.append(f"| {thread} | **total** | **{total:.2f}** |")
-    lines += ["", f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores; load average "
-              f"{results['machine']['load_average_1_5_15']} before, {results.get('load_average_after', 'n/a')} after.",
-              "", f"Command: `{results['command']}`", ""]
+    lines += ["", f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores.", *machine.footer(results)]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
     main()

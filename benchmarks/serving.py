@@ -192,16 +192,15 @@ async def measure(servers: dict[str, ServerProcess], plans: dict[str, tuple[list
             after = {n: scrape_histogram_at(scraper, s.url) for n, s in servers.items()}
         # The concurrency-1 row, after the rounds (its traffic stays out of their batch and CPU figures):
         # each system answers the same requests one at a time; the limit times the same pairs alone.
-        single_plan = plans[names[0]][1][: args.single] if args.single else []
         single = {}
-        for name, server in servers.items():
-            if single_plan:
+        if args.single:
+            for name, server in servers.items():
                 requests = plans[name][1][: args.single]
                 single[name] = (await asyncio.to_thread(run_one_at_a_time, server.url, requests)).summary()
-        if limit is not None and single_plan:
-            from benchmarks.limit import single_pair_times
+            if limit is not None:
+                from benchmarks.limit import single_pair_times
 
-            single["limit"] = single_pair_times(limit, [r.pair for r in single_plan])
+                single["limit"] = single_pair_times(limit, [r.pair for r in plans["limit"][1][: args.single]])
     finally:
         for client in clients.values():
             await client.aclose()

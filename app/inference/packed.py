@@ -172,7 +172,6 @@ class PackedEncoder:
         if not packable(encoder, config):
             raise ValueError(f"{config.model_type}: not a layout the packed forward supports")
         self.encoder = encoder
-        self.config = config
         self.heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
         self.pooler = getattr(encoder, "pooler", None)
