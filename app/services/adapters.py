@@ -143,4 +143,8 @@ class AdapterService:
         return self._info(entry)
 
     async def unload(self, name: str) -> AdapterInfo:
-        return self._info(self._registry.unload(name))
+        info = self._info(self._registry.unload(name))
+        if self._metrics is not None:
+            # Only a DELETE frees the adapter's own metric series; a PUT over a name keeps counting into them.
+            self._metrics.adapter_labels.forget(name)
+        return info

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
@@ -15,6 +16,11 @@ disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+# The adapter label shared by every adapter past the first `max_adapters`. Adapter names start with a
+# letter or digit (app.services.adapter_registry.NAME_PATTERN), so no adapter can be called this.
+OTHER_ADAPTERS = "_other"
+DEFAULT_MAX_ADAPTERS = 64  # Settings.metrics_max_adapters' default, for a Metrics built without settings
 
 
 class QueueView(Protocol):
@@ -77,10 +83,66 @@ class _StateCollector(Collector):
             yield held
 
 
-class Metrics:
-    """One registry per app, so several apps in one process (tests) never share counters."""
+class AdapterLabels:
+    """The `adapter` label of the per-adapter NLI series, bounded so that thousands of adapters on disk
+    never mean thousands of series: the first `limit` distinct adapters counted get a place (a label of
+    their own), every other one `OTHER_ADAPTERS`. `forget` (a DELETE) removes an adapter's series and frees
+    its place for the next adapter counted that has none. Nothing is kept of adapters without a place, so
+    that memory stays bounded too.
 
-    def __init__(self) -> None:
+    Invariants: at most `limit` adapters hold a place; `_outcomes[name]` is every outcome `name`'s own
+    series were counted with, which is what `forget` removes. Series are updated under the same lock as the
+    places, so no series outlives its place. A request still running when its adapter is deleted is
+    counted after the `forget`, and so takes a place again if one is free. Safe to call from any thread."""
+
+    def __init__(self, limit: int, pairs: Counter, latency: Histogram):
+        self.limit = limit
+        self._pairs = pairs  # loraswap_nli_pairs{adapter,outcome}
+        self._latency = latency  # loraswap_nli_request_seconds{adapter}
+        self._lock = threading.Lock()
+        self._outcomes: dict[str, set[str]] = {}
+
+    def observe(self, pairs_by_adapter: Mapping[str, int], outcome: str, elapsed_s: float | None) -> None:
+        """Count one request's pairs per adapter, and its latency once per adapter when it was answered
+        (also under `OTHER_ADAPTERS`: its histogram is the sum of those the adapters would have had)."""
+        with self._lock:
+            for name, count in pairs_by_adapter.items():
+                label = self._label(name, outcome)
+                self._pairs.labels(label, outcome).inc(count)
+                if elapsed_s is not None:
+                    self._latency.labels(label).observe(elapsed_s)
+
+    def _label(self, name: str, outcome: str) -> str:
+        outcomes = self._outcomes.get(name)
+        if outcomes is None:
+            if len(self._outcomes) >= self.limit:
+                return OTHER_ADAPTERS
+            outcomes = self._outcomes[name] = set()
+        outcomes.add(outcome)
+        return name
+
+    def forget(self, name: str) -> None:
+        """Remove `name`'s own series and free its place for the next new adapter; its pairs counted so far
+        leave the scrape with it (a counter that disappears is a reset to Prometheus)."""
+        with self._lock:
+            outcomes = self._outcomes.pop(name, None)
+            if outcomes is None:  # counted under OTHER_ADAPTERS, or never: nothing of its own to remove
+                return
+            for outcome in outcomes:
+                self._pairs.remove(name, outcome)
+            self._latency.remove(name)  # absent when it was never answered: remove() ignores that
+
+    def own(self) -> list[str]:
+        """The adapters with series of their own, in the order they got them."""
+        with self._lock:
+            return list(self._outcomes)
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) never share counters. `max_adapters`:
+    how many adapters get per-adapter NLI series of their own (LORASWAP_METRICS_MAX_ADAPTERS)."""
+
+    def __init__(self, max_adapters: int = DEFAULT_MAX_ADAPTERS) -> None:
         self.registry = CollectorRegistry()
         self.state = _StateCollector()
         self.registry.register(self.state)
@@ -102,6 +164,8 @@ class Metrics:
             "loraswap_nli_request_seconds", "NLI request latency by adapter (a batch request counts per adapter).",
             ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        # The only way to count into the two families above: it keeps their adapter label bounded.
+        self.adapter_labels = AdapterLabels(max_adapters, self.adapter_pairs, self.adapter_latency)
         self.batch_size = Histogram(
             "loraswap_batch_size_pairs", "Pairs per forward pass.", buckets=BATCH_BUCKETS, registry=self.registry
         )

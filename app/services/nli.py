@@ -118,9 +118,5 @@ class NLIService:
         return [pair.adapter or self.default_adapter for pair in pairs]  # type: ignore[misc]
 
     def _count(self, names: list[str], outcome: str, elapsed_s: float | None) -> None:
-        if self.metrics is None:
-            return
-        for name, count in Counter(names).items():
-            self.metrics.adapter_pairs.labels(name, outcome).inc(count)
-            if elapsed_s is not None:
-                self.metrics.adapter_latency.labels(name).observe(elapsed_s)
+        if self.metrics is not None:
+            self.metrics.adapter_labels.observe(Counter(names), outcome, elapsed_s)

@@ -1,11 +1,18 @@
-"""Metrics alone: one registry per instance, the batcher's observer calls, and the state read from
-live components at scrape time."""
+"""Metrics alone: one registry per instance, the batcher's observer calls, the state read from live
+components at scrape time, and the bounded adapter label of the per-adapter NLI series."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.services.metrics import Metrics
+import pytest
+from prometheus_client import generate_latest
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.errors import InvalidInput
+from app.services.adapter_registry import check_name
+from app.services.metrics import OTHER_ADAPTERS, Metrics
 
 
 def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -86,3 +93,104 @@ def test_no_created_series_and_process_memory_is_exported():
     names = {s.name for family in metrics.registry.collect() for s in family.samples}
     assert not any(name.endswith("_created") for name in names)
     assert sample(metrics, "process_resident_memory_bytes") > 0
+
+
+# -- the bounded adapter label ------------------------------------------------------------------------------
+def pairs(metrics: Metrics, adapter: str, outcome: str = "ok") -> float | None:
+    return sample(metrics, "loraswap_nli_pairs_total", {"adapter": adapter, "outcome": outcome})
+
+
+def latency_count(metrics: Metrics, adapter: str) -> float | None:
+    return sample(metrics, "loraswap_nli_request_seconds_count", {"adapter": adapter})
+
+
+def all_pairs(metrics: Metrics) -> float:
+    return sum(
+        s.value for family in metrics.registry.collect() for s in family.samples if s.name == "loraswap_nli_pairs_total"
+    )
+
+
+def adapter_labels_in_scrape(metrics: Metrics) -> set[str]:
+    text = generate_latest(metrics.registry).decode()
+    return {
+        line.split('adapter="', 1)[1].split('"', 1)[0]
+        for line in text.splitlines()
+        if line.startswith(("loraswap_nli_pairs_total{", "loraswap_nli_request_seconds")) and 'adapter="' in line
+    }
+
+
+def test_the_first_adapters_get_their_own_series_and_the_rest_share_other():
+    metrics = Metrics(max_adapters=2)
+    labels = metrics.adapter_labels
+    labels.observe({"a": 2}, "ok", 0.01)
+    labels.observe({"b": 1, "c": 4}, "ok", 0.02)  # one request mixing b and c: c is the third adapter
+    labels.observe({"d": 1, "a": 3}, "overloaded", None)  # refused: counted, no latency
+    labels.observe({"c": 5}, "ok", 0.03)
+    assert labels.own() == ["a", "b"]
+    assert (pairs(metrics, "a"), pairs(metrics, "a", "overloaded"), pairs(metrics, "b")) == (2, 3, 1)
+    assert pairs(metrics, "c") is None and pairs(metrics, "d", "overloaded") is None
+    assert pairs(metrics, OTHER_ADAPTERS) == 9 and pairs(metrics, OTHER_ADAPTERS, "overloaded") == 1
+    assert all_pairs(metrics) == 2 + 1 + 4 + 1 + 3 + 5  # every pair counted exactly once
+    # Latency once per adapter and answered request: c's two requests under _other.
+    assert [latency_count(metrics, name) for name in ("a", "b", OTHER_ADAPTERS)] == [1, 1, 2]
+    assert adapter_labels_in_scrape(metrics) == {"a", "b", OTHER_ADAPTERS}
+
+
+def test_many_adapters_leave_the_series_bounded():
+    metrics = Metrics(max_adapters=3)
+    for i in range(500):
+        metrics.adapter_labels.observe({f"adapter-{i}": 1}, "ok", 0.001)
+    assert adapter_labels_in_scrape(metrics) == {"adapter-0", "adapter-1", "adapter-2", OTHER_ADAPTERS}
+    assert pairs(metrics, OTHER_ADAPTERS) == 497 and all_pairs(metrics) == 500
+
+
+def test_forget_removes_every_series_of_the_adapter_and_frees_its_place():
+    metrics = Metrics(max_adapters=2)
+    labels = metrics.adapter_labels
+    labels.observe({"a": 2}, "ok", 0.01)
+    labels.observe({"a": 1}, "inference_failed", None)
+    labels.observe({"b": 1}, "ok", 0.01)
+    labels.observe({"c": 4}, "ok", 0.01)  # no place left: _other
+    labels.forget("a")
+    assert pairs(metrics, "a") is None and pairs(metrics, "a", "inference_failed") is None
+    assert latency_count(metrics, "a") is None
+    assert sample(metrics, "loraswap_nli_request_seconds_bucket", {"adapter": "a", "le": "+Inf"}) is None
+    assert adapter_labels_in_scrape(metrics) == {"b", OTHER_ADAPTERS}
+    assert labels.own() == ["b"]
+    # The freed place goes to the next adapter counted that has none, c too: its earlier pairs stay in _other.
+    labels.observe({"c": 1, "d": 1}, "ok", 0.01)
+    assert labels.own() == ["b", "c"]
+    assert (pairs(metrics, "c"), pairs(metrics, "d"), pairs(metrics, OTHER_ADAPTERS)) == (1, None, 5)
+
+
+def test_forgetting_an_adapter_without_a_place_leaves_other_alone():
+    metrics = Metrics(max_adapters=1)
+    labels = metrics.adapter_labels
+    labels.observe({"a": 1, "b": 2}, "ok", 0.01)
+    labels.forget("b")  # counted under _other
+    labels.forget("never-served")
+    assert pairs(metrics, OTHER_ADAPTERS) == 2 and latency_count(metrics, OTHER_ADAPTERS) == 1
+    assert labels.own() == ["a"] and pairs(metrics, "a") == 1
+    labels.observe({"b": 1}, "ok", 0.01)  # a still holds the only place
+    assert pairs(metrics, OTHER_ADAPTERS) == 3
+
+
+def test_zero_places_count_every_adapter_as_other():
+    metrics = Metrics(max_adapters=0)
+    metrics.adapter_labels.observe({"a": 1, "b": 2}, "ok", 0.01)
+    metrics.adapter_labels.observe({"a": 1}, "overloaded", None)
+    assert metrics.adapter_labels.own() == []
+    assert adapter_labels_in_scrape(metrics) == {OTHER_ADAPTERS}
+    assert pairs(metrics, OTHER_ADAPTERS) == 3 and pairs(metrics, OTHER_ADAPTERS, "overloaded") == 1
+
+
+def test_other_can_never_be_an_adapter_name():
+    with pytest.raises(InvalidInput):
+        check_name(OTHER_ADAPTERS)
+
+
+def test_the_default_number_of_places_is_the_settings_default_and_never_negative():
+    assert Metrics().adapter_labels.limit == Settings.model_fields["metrics_max_adapters"].default == 64
+    assert Settings(metrics_max_adapters=0).metrics_max_adapters == 0
+    with pytest.raises(ValidationError):
+        Settings(metrics_max_adapters=-1)
