@@ -28,6 +28,13 @@ class Settings(BaseSettings):
         description="FastAPI's native OpenTelemetry (spans, metrics and logs through the globally configured "
         "providers). Off: `/metrics` serves Prometheus, and the check costs every request.",
     )
+    metrics_max_adapters: int = Field(
+        64,
+        ge=0,
+        description="How many adapters get `/metrics` series of their own (`loraswap_nli_pairs`, "
+        "`loraswap_nli_request_seconds`): the first ones served; every other adapter is counted under the "
+        "adapter label `_other`. A DELETE frees its adapter's place.",
+    )
 
     # NLI: base model and adapters
     nli_enabled: bool = Field(True, description="Load the NLI base model and adapters at startup.")

@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={key: settings.opentelemetry for key in ("tracing", "metrics", "logs")},
     )
     app.state.settings = settings
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(settings.metrics_max_adapters)
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(health.router)

@@ -55,7 +55,7 @@ class Runtime:
 def build_runtime(settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
     """Load what `settings` enables. Never raises for a model that fails to load: the failure is
     recorded in readiness and that part answers 503, so the rest keeps serving."""
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(settings.metrics_max_adapters)
     expected = (["nli"] if settings.nli_enabled else []) + (["fraud"] if settings.fraud_enabled else [])
     runtime = Runtime(settings=settings, metrics=metrics, readiness=Readiness(expected))
     if settings.fraud_enabled:

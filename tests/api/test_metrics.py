@@ -1,8 +1,10 @@
-"""GET /metrics exposes request, adapter, batch and queue series after real traffic."""
+"""GET /metrics exposes request, adapter, batch and queue series after real traffic, with the adapter
+label bounded by LORASWAP_METRICS_MAX_ADAPTERS through PUT and DELETE."""
 
 from __future__ import annotations
 
 import re
+import shutil
 
 from fastapi.testclient import TestClient
 
@@ -34,6 +36,64 @@ def test_metrics_after_traffic(embedded_adapters):
     assert value(text, 'loraswap_http_requests_total{method="GET",route="/adapters/{name}",status="404"}') == 1
     assert value(text, "loraswap_queue_depth_pairs") == 0
     assert value(text, "loraswap_resident_adapters") >= 1
+
+
+def adapter_labels(text: str) -> set[str]:
+    series = r'^loraswap_nli_(?:pairs_total|request_seconds_count)\{adapter="([^"]+)"'
+    return set(re.findall(series, text, re.MULTILINE))
+
+
+def pairs_total(text: str) -> float:
+    return sum(float(v) for v in re.findall(r"^loraswap_nli_pairs_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
+
+
+def test_adapters_past_the_limit_share_other_and_a_delete_frees_a_place(embedded_adapters, tmp_path):
+    for name in ("alpha", "beta", "gamma"):
+        shutil.copytree(embedded_adapters / name, tmp_path / name)
+    settings = Settings(
+        fraud_enabled=False, adapters_dir=tmp_path, default_adapter="alpha", max_batch_wait_ms=1, metrics_max_adapters=2
+    )
+    pair = {"premise": "a b", "hypothesis": "c"}
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/nli", json=pair).status_code == 200  # alpha, the default
+        batch = [{**pair, "adapter": a} for a in ("beta", "gamma", "gamma", "alpha")]
+        assert client.post("/nli/batch", json={"pairs": batch}).status_code == 200
+        assert client.post("/nli", json={**pair, "adapter": "gamma"}).status_code == 200
+        text = client.get("/metrics").text
+        assert adapter_labels(text) == {"alpha", "beta", "_other"}
+        assert value(text, 'loraswap_nli_pairs_total{adapter="alpha",outcome="ok"}') == 2
+        assert value(text, 'loraswap_nli_pairs_total{adapter="beta",outcome="ok"}') == 1
+        assert value(text, 'loraswap_nli_pairs_total{adapter="_other",outcome="ok"}') == 3  # gamma's
+        assert pairs_total(text) == 6
+        assert value(text, 'loraswap_nli_request_seconds_count{adapter="_other"}') == 2
+
+        # A PUT over a name keeps its series; a DELETE removes them and frees the place.
+        put = client.put("/adapters/alpha", json={"path": str(tmp_path / "alpha")})
+        assert put.status_code == 200 and put.json()["version"] == 2
+        assert client.delete("/adapters/beta").status_code == 200
+        text = client.get("/metrics").text
+        assert adapter_labels(text) == {"alpha", "_other"}
+        assert value(text, 'loraswap_nli_pairs_total{adapter="alpha",outcome="ok"}') == 2
+
+        assert client.post("/nli", json={**pair, "adapter": "gamma"}).status_code == 200  # takes beta's place
+        text = client.get("/metrics").text
+        assert adapter_labels(text) == {"alpha", "gamma", "_other"}
+        assert value(text, 'loraswap_nli_pairs_total{adapter="gamma",outcome="ok"}') == 1
+        assert value(text, 'loraswap_nli_pairs_total{adapter="_other",outcome="ok"}') == 3
+
+
+def test_with_no_places_every_adapter_is_other(embedded_adapters):
+    settings = Settings(
+        fraud_enabled=False, adapters_dir=embedded_adapters, default_adapter="alpha", metrics_max_adapters=0
+    )
+    with TestClient(create_app(settings)) as client:
+        batch = [{"premise": "a b", "hypothesis": "c", "adapter": a} for a in ("alpha", "beta", "beta")]
+        assert client.post("/nli/batch", json={"pairs": batch}).status_code == 200
+        text = client.get("/metrics").text
+    assert adapter_labels(text) == {"_other"}
+    assert value(text, 'loraswap_nli_pairs_total{adapter="_other",outcome="ok"}') == 3
+    # Latency counts once per adapter of a request, as when each has its own series: alpha's and beta's.
+    assert value(text, 'loraswap_nli_request_seconds_count{adapter="_other"}') == 2
 
 
 def test_requests_that_never_reach_a_route_are_labelled_by_the_path_they_belong_to(embedded_adapters):
