@@ -1,4 +1,10 @@
-"""Closed-loop HTTP load: N keep-alive workers, each sending its next request when answered."""
+"""Closed-loop HTTP load: N keep-alive workers, each sending its next request when answered.
+
+The client runs on the same cores as the servers it measures, so it is kept light: plain HTTP/1.1
+over asyncio streams, one connection per worker (`HttpPool`), about a tenth of a millisecond of CPU
+per request where httpx's AsyncClient spent 3-5 ms (measured in docs/benchmarks.md) — CPU every
+server would otherwise lose to the measurement itself.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,6 @@ import time
 from urllib.parse import urlsplit
 from collections import Counter
 from dataclasses import dataclass, field
-
-import httpx
 
 from benchmarks.workload import PlannedRequest
 
@@ -84,28 +88,140 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def check_response(response: httpx.Response, request: PlannedRequest) -> str | None:
+def check_response(status: int, body: bytes, request: PlannedRequest) -> str | None:
     """None when the answer is a well-formed classification for the adapter asked; else the error kind."""
-    if response.status_code != 200:
-        return f"http_{response.status_code}"
+    if status != 200:
+        return f"http_{status}"
     try:
-        body = response.json()
+        answer = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "bad_json"
-    scores = body.get("scores") if isinstance(body, dict) else None
-    if not isinstance(scores, dict) or body.get("label") not in scores or body.get("adapter") != request.adapter:
+    scores = answer.get("scores") if isinstance(answer, dict) else None
+    if not isinstance(scores, dict) or answer.get("label") not in scores or answer.get("adapter") != request.adapter:
         return "bad_body"
     return None
 
 
-def make_client(base_url: str, concurrency: int, timeout_s: float = 120.0) -> httpx.AsyncClient:
+class HttpError(Exception):
+    """The server broke the HTTP exchange (closed mid-answer, sent something that is not HTTP/1.1)."""
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: a request is written whole, the answer read by its
+    Content-Length (or chunks). Any failure closes it; the next request opens a new one."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def exchange(self, message: bytes) -> tuple[int, bytes]:
+        if self.reader is not None and self.reader.at_eof():
+            self.close()  # the server closed it while idle (its keep-alive timeout, between rounds)
+        reused = self.writer is not None
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(message)
+        status_line = await self.reader.readline()
+        if not status_line and reused:
+            # Closed by the server as the request went out, before a byte of an answer: resent once on
+            # a new connection, as HTTP clients do for an idle keep-alive connection.
+            self.close()
+            return await self.exchange(message)
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise HttpError(f"not an HTTP/1.1 status line: {status_line[:80]!r}")
+        length, chunked, close = None, False, False
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            body = await self._chunks()
+        elif length is not None:
+            body = await self.reader.readexactly(length)
+        else:  # no length: the body runs to the end of the connection
+            body, close = await self.reader.read(), True
+        if close:
+            self.close()
+        return int(parts[1]), body
+
+    async def _chunks(self) -> bytes:
+        assert self.reader is not None
+        pieces = []
+        while True:
+            size = int((await self.reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                while (await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(pieces)
+            pieces.append(await self.reader.readexactly(size))
+            await self.reader.readexactly(2)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+class HttpPool:
+    """Keep-alive connections to one server, at most `concurrency` (one per closed-loop worker); a
+    request takes an idle one or opens a new one. `post` returns (status, body)."""
+
+    def __init__(self, base_url: str, concurrency: int, timeout_s: float = 120.0):
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{base_url}: the load generator speaks plain http://host:port")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.concurrency, self.timeout_s = concurrency, timeout_s
+        self._idle: list[_Connection] = []
+        self._open: list[_Connection] = []
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        connection = self._idle.pop() if self._idle else self._new()
+        message = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode("ascii") + body
+        try:
+            answer = await asyncio.wait_for(connection.exchange(message), self.timeout_s)
+        except BaseException:
+            connection.close()
+            raise
+        finally:
+            self._idle.append(connection)
+        return answer
+
+    def _new(self) -> _Connection:
+        if len(self._open) >= self.concurrency:
+            raise RuntimeError(f"more than {self.concurrency} requests at once on a pool of that size")
+        connection = _Connection(self.host, self.port)
+        self._open.append(connection)
+        return connection
+
+    async def aclose(self) -> None:
+        for connection in self._open:
+            connection.close()
+        self._open.clear()
+        self._idle.clear()
+
+
+def make_client(base_url: str, concurrency: int, timeout_s: float = 120.0) -> HttpPool:
     """One connection per worker, all kept alive; no connection is opened or closed mid-run."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=300)
-    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s)
+    return HttpPool(base_url, concurrency, timeout_s)
 
 
 async def run_closed_loop(
-    client: httpx.AsyncClient,
+    client: HttpPool,
     plan: list[PlannedRequest],
     *,
     concurrency: int,
@@ -129,9 +245,9 @@ async def run_closed_loop(
             next_index += 1  # single-threaded event loop: no lock needed between the read and the bump
             sent = time.perf_counter()
             try:
-                response = await client.post(path, content=request.body, headers=JSON_HEADERS)
-                error = check_response(response, request)
-            except httpx.HTTPError as exc:
+                status, body = await client.post(path, request.body)
+                error = check_response(status, body, request)
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, HttpError, ValueError) as exc:
                 error = type(exc).__name__
             answered = time.perf_counter()
             finished += 1
@@ -155,45 +271,49 @@ async def run_closed_loop(
     )
 
 
-async def warm_up(client: httpx.AsyncClient, plan: list[PlannedRequest], *, concurrency: int) -> LoadResult:
+async def warm_up(client: HttpPool, plan: list[PlannedRequest], *, concurrency: int) -> LoadResult:
     """Untimed traffic first: lazy initialisation, thread pools and allocator growth happen here."""
     return await run_closed_loop(client, plan, concurrency=concurrency, max_duration_s=300.0)
 
 
-def run_one_at_a_time(base_url: str, plan: list[PlannedRequest], *, path: str = "/nli") -> LoadResult:
-    """Concurrency 1: each request sent when the previous one is answered, over one keep-alive
-    connection of the standard library's http.client (light enough that the client's own time stays
-    a small part of a single request's round trip). Blocking: run it in a thread from async code."""
-    parts = urlsplit(base_url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    started = time.perf_counter()
-    try:
-        for request in plan:
-            sent = time.perf_counter()
-            try:
-                connection.request("POST", path, body=request.body, headers=JSON_HEADERS)
-                response = connection.getresponse()
-                error = _check_raw(response.status, response.read(), request)
-            except (OSError, http.client.HTTPException) as exc:
-                error = type(exc).__name__
-                connection.close()  # reconnects on the next request
-            if error is None:
-                latencies.append((time.perf_counter() - sent) * 1000.0)
-            else:
-                errors[error] += 1
-    finally:
-        connection.close()
-    return LoadResult(
-        requests=len(plan),
-        ok=len(latencies),
-        errors=sum(errors.values()),
-        errors_by_kind=dict(errors),
-        duration_s=time.perf_counter() - started,
-        latencies_ms=latencies,
-    )
+class OneAtATime:
+    """Concurrency 1 against one server: each request sent when the previous one is answered, over
+    one keep-alive connection of the standard library's http.client (light enough that the client's
+    own time stays a small part of a single request's round trip). Blocking: drive it from a thread.
+    `send` may be interleaved with other systems' requests, so that every system meets the same
+    moments of a shared machine."""
 
+    def __init__(self, base_url: str, *, path: str = "/nli"):
+        parts = urlsplit(base_url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        self.path = path
+        self.latencies: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.busy_s = 0.0
 
-def _check_raw(status: int, body: bytes, request: PlannedRequest) -> str | None:
-    return check_response(httpx.Response(status, content=body), request)
+    def send(self, request: PlannedRequest) -> None:
+        sent = time.perf_counter()
+        try:
+            self.connection.request("POST", self.path, body=request.body, headers=JSON_HEADERS)
+            response = self.connection.getresponse()
+            error = check_response(response.status, response.read(), request)
+        except (OSError, http.client.HTTPException) as exc:
+            error = type(exc).__name__
+            self.connection.close()  # reconnects on the next request
+        elapsed = time.perf_counter() - sent
+        self.busy_s += elapsed
+        if error is None:
+            self.latencies.append(elapsed * 1000.0)
+        else:
+            self.errors[error] += 1
+
+    def result(self) -> LoadResult:
+        self.connection.close()
+        return LoadResult(
+            requests=len(self.latencies) + sum(self.errors.values()),
+            ok=len(self.latencies),
+            errors=sum(self.errors.values()),
+            errors_by_kind=dict(self.errors),
+            duration_s=self.busy_s,
+            latencies_ms=self.latencies,
+        )

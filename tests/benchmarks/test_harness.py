@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.responses import StreamingResponse
 
 from benchmarks.adapter_sets import AdapterSet
-from benchmarks.loadgen import percentile, run_closed_loop
+from benchmarks.loadgen import make_client, percentile, run_closed_loop
 from benchmarks.report import write_report
-from benchmarks.servers import histogram_delta, scrape_histogram
+from benchmarks.servers import free_port, histogram_delta, scrape_histogram
 from benchmarks.serving import assemble_results, parse_args, slices
 from benchmarks.workload import build_plan, load_pairs
 
@@ -35,8 +41,10 @@ loraswap_batch_size_pairs_sum 30.0
 """
 
 
-def fake_service(fail_every: int = 0) -> FastAPI:
-    """Answers POST /nli like the service; every `fail_every`-th request gets 503."""
+def fake_service(fail_every: int = 0, *, answer: str = "plain") -> FastAPI:
+    """Answers POST /nli like the service; every `fail_every`-th request gets 503. `answer`: plain
+    (Content-Length), chunked, close (the server closes the connection after each answer), or
+    wrong_adapter (a well-formed answer naming another adapter)."""
     app = FastAPI()
     seen = {"n": 0}
 
@@ -45,19 +53,43 @@ def fake_service(fail_every: int = 0) -> FastAPI:
         seen["n"] += 1
         if fail_every and seen["n"] % fail_every == 0:
             return Response(status_code=503)
-        payload = {"label": "neutral", "scores": {"entailment": 0.2, "neutral": 0.5}, "adapter": body["adapter"]}
-        return Response(json.dumps(payload), media_type="application/json")
+        adapter = "someone-else" if answer == "wrong_adapter" else body["adapter"]
+        payload = json.dumps({"label": "neutral", "scores": {"entailment": 0.2, "neutral": 0.5}, "adapter": adapter})
+        if answer == "chunked":
+            return StreamingResponse(iter([payload[:10].encode(), payload[10:].encode()]), media_type="application/json")
+        headers = {"connection": "close"} if answer == "close" else None
+        return Response(payload, media_type="application/json", headers=headers)
 
     return app
 
 
-def run_fake(plan, fail_every: int = 0, concurrency: int = 4):
-    async def go():
-        transport = httpx.ASGITransport(app=fake_service(fail_every))
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            return await run_closed_loop(client, plan, concurrency=concurrency, max_duration_s=60)
+@contextmanager
+def served(app: FastAPI, keep_alive_s: float = 5.0) -> Iterator[str]:
+    """`app` under a real uvicorn on a loopback port, in a thread: the load generator speaks HTTP/1.1."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", timeout_keep_alive=keep_alive_s)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
-    return asyncio.run(go())
+
+def run_fake(plan, fail_every: int = 0, concurrency: int = 4, answer: str = "plain"):
+    async def go(url: str):
+        client = make_client(url, concurrency)
+        try:
+            return await run_closed_loop(client, plan, concurrency=concurrency, max_duration_s=60)
+        finally:
+            await client.aclose()
+
+    with served(fake_service(fail_every, answer=answer)) as url:
+        return asyncio.run(go(url))
 
 
 def test_closed_loop_sends_the_whole_plan_once():
@@ -72,6 +104,51 @@ def test_closed_loop_counts_errors_by_kind():
     result = run_fake(plan, fail_every=5)
     assert (result.requests, result.ok, result.errors) == (30, 24, 6)
     assert result.errors_by_kind == {"http_503": 6}
+
+
+@pytest.mark.parametrize("answer", ["chunked", "close"])
+def test_closed_loop_reads_chunked_answers_and_reconnects_after_a_close(answer):
+    plan = build_plan(load_pairs(), ["mnli", "rte"], "uniform", 24, seed=1)
+    result = run_fake(plan, answer=answer)
+    assert (result.requests, result.ok, result.errors) == (24, 24, 0)
+
+
+def test_pool_reopens_a_connection_the_server_closed_while_idle():
+    plan = build_plan(load_pairs(), ["mnli"], "uniform", 8, seed=0)
+
+    async def go(url: str):
+        client = make_client(url, 2)
+        try:
+            first = await run_closed_loop(client, plan[:4], concurrency=2, max_duration_s=60)
+            await asyncio.sleep(1.5)  # past the server's keep-alive timeout: it closes both connections
+            second = await run_closed_loop(client, plan[4:], concurrency=2, max_duration_s=60)
+            return first, second
+        finally:
+            await client.aclose()
+
+    with served(fake_service(), keep_alive_s=0.5) as url:
+        first, second = asyncio.run(go(url))
+    assert (first.ok, second.ok, second.errors) == (4, 4, 0)
+
+
+def test_closed_loop_checks_the_answer_names_the_adapter_asked():
+    plan = build_plan(load_pairs(), ["mnli"], "uniform", 6, seed=0)
+    result = run_fake(plan, answer="wrong_adapter")
+    assert (result.ok, result.errors_by_kind) == (0, {"bad_body": 6})
+
+
+def test_closed_loop_counts_a_dead_server_as_errors_and_finishes():
+    plan = build_plan(load_pairs(), ["mnli"], "uniform", 5, seed=0)
+
+    async def go():
+        client = make_client(f"http://127.0.0.1:{free_port()}", 2)  # nobody listens there
+        try:
+            return await run_closed_loop(client, plan, concurrency=2, max_duration_s=60)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(go())
+    assert (result.requests, result.ok, result.errors_by_kind) == (5, 0, {"ConnectionRefusedError": 5})
 
 
 def test_rounds_cover_the_plan_once_in_order():
