@@ -164,29 +164,30 @@ class LimitRunner:
         return LimitResult(pairs=done, duration_s=duration, cpu_s=cpu)
 
 
-def single_pair_times(runner: LimitRunner, pairs: list[Pair], *, modes=MODES) -> dict:
-    """The in-process time of one pair alone (tokenize, forward, softmax), per pair, in each forward;
-    the faster forward's median is the reference for a server's concurrency-1 latency."""
-    saved = runner.mode, runner.batch_size
-    by_mode = {}
+def time_single_pair(runner: LimitRunner, pair: Pair, mode: str) -> float:
+    """Milliseconds for one pair alone in-process (tokenize, forward, softmax) in forward `mode`."""
+    saved = runner.mode
+    runner.mode = mode
     try:
         with torch.inference_mode():
-            for mode in modes:
-                runner.mode = mode
-                runner._forward([pairs[0]])  # untimed: first-call costs
-                times = []
-                for pair in pairs:
-                    _sync(runner.device)
-                    started = time.perf_counter()
-                    runner._forward([pair])
-                    _sync(runner.device)
-                    times.append((time.perf_counter() - started) * 1000.0)
-                times.sort()
-                by_mode[mode] = {
-                    "p50_ms": round(statistics.median(times), 2),
-                    "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 2),
-                }
+            _sync(runner.device)
+            started = time.perf_counter()
+            runner._forward([pair])
+            _sync(runner.device)
+            return (time.perf_counter() - started) * 1000.0
     finally:
-        runner.mode, runner.batch_size = saved
+        runner.mode = saved
+
+
+def single_pair_summary(times_by_mode: dict[str, list[float]]) -> dict:
+    """p50/p99 of the single-pair times per forward; the faster forward's are the reference for a
+    server's concurrency-1 latency."""
+    by_mode = {}
+    for mode, times in times_by_mode.items():
+        ordered = sorted(times)
+        by_mode[mode] = {
+            "p50_ms": round(statistics.median(ordered), 2),
+            "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 2),
+        }
     best = min(by_mode, key=lambda m: by_mode[m]["p50_ms"])
     return {"mode": best, **by_mode[best], "by_mode": by_mode}

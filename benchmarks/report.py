@@ -93,7 +93,8 @@ def _single_rows(results: dict) -> list[str]:
         return []
     lines = [
         "",
-        f"Concurrency 1 ({results.get('single_requests')} requests, one at a time, one keep-alive connection):",
+        f"Concurrency 1 ({results.get('single_requests')} requests, one at a time, one keep-alive connection; "
+        "the systems and the in-process pair interleaved request by request):",
         "",
         "| system | p50 ms | p99 ms | errors |",
         "|---|---:|---:|---:|",

@@ -30,7 +30,7 @@ import httpx
 
 from benchmarks import machine
 from benchmarks.adapter_sets import AdapterSet, prepare_adapters
-from benchmarks.loadgen import LoadResult, make_client, run_closed_loop, run_one_at_a_time, warm_up
+from benchmarks.loadgen import LoadResult, OneAtATime, make_client, run_closed_loop, warm_up
 from benchmarks.report import write_report
 from benchmarks.servers import ServerProcess, free_port, histogram_delta, loraswap_command, scrape_histogram
 from benchmarks.workload import POPULARITIES, PlannedRequest, build_plan, load_pairs, retarget
@@ -190,17 +190,8 @@ async def measure(servers: dict[str, ServerProcess], plans: dict[str, tuple[list
                                 result.throughput_pairs_s, result.errors)
             server_cpu = {n: s.cpu_s() - server_cpu[n] for n, s in servers.items()}
             after = {n: scrape_histogram_at(scraper, s.url) for n, s in servers.items()}
-        # The concurrency-1 row, after the rounds (its traffic stays out of their batch and CPU figures):
-        # each system answers the same requests one at a time; the limit times the same pairs alone.
-        single = {}
-        if args.single:
-            for name, server in servers.items():
-                requests = plans[name][1][: args.single]
-                single[name] = (await asyncio.to_thread(run_one_at_a_time, server.url, requests)).summary()
-            if limit is not None:
-                from benchmarks.limit import single_pair_times
-
-                single["limit"] = single_pair_times(limit, [r.pair for r in plans["limit"][1][: args.single]])
+        # The concurrency-1 row, after the rounds (its traffic stays out of their batch and CPU figures).
+        single = await asyncio.to_thread(measure_single, servers, plans, limit, args.single) if args.single else {}
     finally:
         for client in clients.values():
             await client.aclose()
@@ -231,6 +222,32 @@ async def measure(servers: dict[str, ServerProcess], plans: dict[str, tuple[list
             "rounds_pairs_s": [round(p.pairs_s, 1) for p in phases["limit"]],
         }
     return out
+
+
+def measure_single(servers: dict[str, ServerProcess], plans: dict, limit, count: int) -> dict[str, dict]:
+    """Every system answers the same `count` requests one at a time, interleaved request by request
+    (in a rotating order), and the limit times the same pairs alone in-process in each forward between
+    them: a slow stretch of the shared machine falls on every system alike, where back-to-back phases
+    of 150 requests each met different moments (the in-process p50 moved by 20% between runs)."""
+    from benchmarks.limit import MODES, single_pair_summary, time_single_pair
+
+    names = [*servers, *(["limit"] if limit is not None else [])]
+    senders = {name: OneAtATime(server.url) for name, server in servers.items()}
+    limit_times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    if limit is not None:
+        for mode in MODES:
+            time_single_pair(limit, plans["limit"][1][0].pair, mode)  # untimed: first-call costs
+    for i in range(count):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            if name == "limit":
+                for mode in MODES:
+                    limit_times[mode].append(time_single_pair(limit, plans["limit"][1][i].pair, mode))
+            else:
+                senders[name].send(plans[name][1][i])
+    single = {name: sender.result().summary() for name, sender in senders.items()}
+    if limit is not None:
+        single["limit"] = single_pair_summary(limit_times)
+    return single
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
