@@ -48,6 +48,7 @@ class DeviceSlots:
         self.b: dict[str, torch.Tensor] = {}  # module -> [slots, out, r_max], pre-scaled
         self.heads: list[nn.Module | None] = [None] * capacity
         self.modules: list[frozenset[str]] = [frozenset()] * capacity
+        self.ranks: list[int] = [0] * capacity  # rows (of A) / columns (of B) written in each slot
         self._slot_of: OrderedDict[AdapterWeights, int] = OrderedDict()  # LRU order, oldest first
         self._retired: set[AdapterWeights] = set()
         self.moves_in = 0
@@ -127,13 +128,15 @@ class DeviceSlots:
 
     def _move_in(self, adapter: AdapterWeights, slot: int) -> None:
         non_blocking = self.device.type == "cuda"  # from pinned host memory
-        self._clear(slot)
+        if not (self.modules[slot] <= frozenset(adapter.a) and self.ranks[slot] <= adapter.rank):
+            self._clear(slot)  # else the copies below overwrite everything the last occupant wrote
         for module, a in adapter.a.items():
             a_buffer, b_buffer = self._buffers(module)
             a_buffer[slot, : adapter.rank].copy_(a, non_blocking=non_blocking)
             b_buffer[slot, :, : adapter.rank].copy_(adapter.b[module], non_blocking=non_blocking)
         self.heads[slot] = self._device_head(adapter.head)
         self.modules[slot] = frozenset(adapter.a)
+        self.ranks[slot] = adapter.rank
         with self._lock:
             self._slot_of[adapter] = slot
             self.moves_in += 1
@@ -148,11 +151,15 @@ class DeviceSlots:
         return copy.deepcopy(head).to(self.device, self.dtype)
 
     def _clear(self, slot: int) -> None:
-        # Zeroed so that the padded (gathered) layout reads exact zeros past an adapter's rank.
+        # Zeroed so that the padded (gathered) layout reads exact zeros past an adapter's rank. Only what
+        # the occupant wrote: the rest of the slot is zero already (an r16 adapter in r_max 64 slots
+        # dirties a quarter of them).
+        rank = self.ranks[slot]
         for module in self.modules[slot]:
-            self.a[module][slot].zero_()
-            self.b[module][slot].zero_()
+            self.a[module][slot, :rank].zero_()
+            self.b[module][slot, :, :rank].zero_()
         self.modules[slot] = frozenset()
+        self.ranks[slot] = 0
         self.heads[slot] = None
 
     def _buffers(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,3 +202,26 @@ def test_retired_slots_are_freed_outside_a_forward(tiny_roberta_spec, roberta_ad
     assert engine.free_retired() == 1
     assert engine.slots.counters()[0] == 0 and engine.slots.bytes_held() < held  # its head is gone
     assert all(not t.any() for t in engine.slots.a.values())  # and its slot zeroed
+
+
+@pytest.mark.parametrize("layout", ["packed", "gathered"])
+def test_a_slot_reused_by_adapters_of_other_ranks_and_modules_reads_only_the_new_one(
+    tiny_roberta_spec, roberta_adapters, layout, monkeypatch
+):
+    """One slot, occupants of rank 16, 8, 16, 4 (other modules), 16: each answer is that adapter's
+    alone, and past the occupant's rank (and outside its modules) the slot holds zeros — which the
+    gathered layout, reading all r_max rows, depends on."""
+    engine = NLIEngine(tiny_roberta_spec, device="cpu", max_resident=1, max_rank=16)
+    use_layout(engine, layout, monkeypatch)
+    adapters = {name: engine.read_adapter(name, roberta_adapters / name) for name in NAMES}
+    references = {name: reference(tiny_roberta_spec, roberta_adapters / name, adapters[name].labels, False) for name in NAMES}
+    encoded = engine.encode([p for p, _ in PAIRS], [h for _, h in PAIRS])
+    for name in ("alpha", "beta", "alpha", "gamma", "alpha"):
+        adapter = adapters[name]
+        for got, want in zip(engine.run(encoded, [adapter] * len(PAIRS)), references[name]):
+            assert_close(got, want)
+        for module in engine.slots.a:
+            a, b = engine.slots.a[module][0], engine.slots.b[module][0]
+            written = adapter.rank if module in adapter.a else 0
+            assert not a[written:].any() and not b[:, written:].any(), (name, module)
+    assert engine.slots.counters()[1] == 5  # every step moved its adapter in
