@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -77,7 +78,9 @@ class MultiLoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in] or [batch, in] (pooler)
-        out = self.base(x)  # [batch, seq, out] or [batch, out]
+        # The base's own F.linear, not a second Module call: every Linear of the encoder is wrapped, and
+        # each call's Python runs on the engine thread, holding the GIL the event loop also needs.
+        out = F.linear(x, self.base.weight, self.base.bias)  # [batch, seq, out] or [batch, out]
         deltas = self.context.deltas
         delta = deltas.get(self.name) if deltas else None
         if delta is None:
