@@ -1,8 +1,8 @@
 """Closed-loop HTTP load: N keep-alive workers, each sending its next request when answered.
 
 The client runs on the same cores as the servers it measures, so it is kept light: plain HTTP/1.1
-over asyncio streams, one connection per worker (`HttpPool`), about a tenth of a millisecond of CPU
-per request where httpx's AsyncClient spent 3-5 ms (measured in docs/benchmarks.md) — CPU every
+over asyncio streams, one connection per worker (`HttpPool`): 0.2-0.6 ms of CPU per request where
+httpx's AsyncClient spent 3-5 ms (the serving benchmark's client CPU, docs/benchmarks.md), CPU every
 server would otherwise lose to the measurement itself.
 """
 
