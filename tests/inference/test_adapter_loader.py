@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import json
 import shutil
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -250,39 +251,55 @@ def _host_bytes(adapter) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _churn_in_a_fresh_process(base_source: str, adapter_dir: str) -> dict:
+    """The host-tier churn of the test below, run in a child process of its own: it measures the whole
+    process's anonymous memory, which another test's leftovers (a collected model, a server thread
+    winding down) would move in the test runner's process."""
+    from app.inference.base_model import resolve_base
+
+    base_info = NLIEngine(resolve_base(base_source), device="cpu").base_info
+    path = Path(adapter_dir)
+    window: deque = deque(maxlen=4)  # the host tier
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loader") as pool:
+        for _ in range(4):  # first loads pay one-off costs (the threads' arenas, caches): not counted
+            window.append(pool.submit(load_adapter, "big", path, base_info).result())
+        window.clear()
+        gc.collect()
+        HostSlab.drop_spares()
+        out = {"before": _anonymous_memory()}
+        for _ in range(24):
+            window.append(pool.submit(load_adapter, "big", path, base_info).result())
+    out["size"] = _host_bytes(window[0])
+    # Nothing of the file stays mapped: the weights were copied out of it.
+    out["file_mapped"] = str(path / "adapter_model.safetensors") in Path("/proc/self/maps").read_text()
+    out["held"] = _anonymous_memory()
+    window.clear()
+    gc.collect()
+    out["kept"] = _anonymous_memory()
+    HostSlab.drop_spares()
+    out["after"] = _anonymous_memory()
+    return out
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
-def test_evicted_adapters_give_their_memory_back(engine, tiny_roberta_spec, tmp_path):
+def test_evicted_adapters_give_their_memory_back(tiny_roberta_spec, tmp_path):
     """Host-tier churn as the registry does it (loads on loader threads, the least recently used
     dropped as a new one comes): an adapter's weights are mappings of their own, so dropping the
     adapters gives their bytes back to the kernel (all but the few spares kept for the next loads),
     where malloc's arenas would keep them."""
     targets = ("query", "key", "value", "dense")  # big enough to count: 1.8 MB a copy
     path = write_random_adapter(tiny_roberta_spec, tmp_path / "big", name="big", rank=512, target_modules=targets)
-    window: deque = deque(maxlen=4)  # the host tier
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loader") as pool:
-        for _ in range(4):  # first loads pay one-off costs (the threads' arenas, caches): not counted
-            window.append(pool.submit(load_adapter, "big", path, engine.base_info).result())
-        window.clear()
-        gc.collect()
-        HostSlab.drop_spares()
-        mapped_before, rss_before = _anonymous_memory()
-        for _ in range(24):
-            window.append(pool.submit(load_adapter, "big", path, engine.base_info).result())
-    size = _host_bytes(window[0])
-    assert size > 1_500_000
-    # Nothing of the file stays mapped: the weights were copied out of it.
-    assert str(path / "adapter_model.safetensors") not in Path("/proc/self/maps").read_text()
-    mapped_held, rss_held = _anonymous_memory()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        m = child.submit(_churn_in_a_fresh_process, tiny_roberta_spec.source, str(path)).result(timeout=300)
+    size = m["size"]
+    (mapped_before, rss_before), (mapped_held, rss_held) = m["before"], m["held"]
+    assert size > 1_500_000 and not m["file_mapped"]
     assert mapped_held - mapped_before > 3.5 * size  # the 4 held (to a few pages)
     assert rss_held - rss_before > 3.5 * size
     assert rss_held - rss_before < 6 * size  # the 20 dropped ones are not held too (the spares are)
-
-    window.clear()
-    gc.collect()
-    mapped_kept, rss_kept = _anonymous_memory()
+    mapped_kept, rss_kept = m["kept"]
     assert mapped_kept - mapped_before < HostSlab.SPARES / 2 * size + size  # only the spares stay
     assert rss_kept - rss_before < HostSlab.SPARES / 2 * size + size
-    HostSlab.drop_spares()
-    mapped_after, rss_after = _anonymous_memory()
+    mapped_after, rss_after = m["after"]
     assert mapped_after - mapped_before < size
     assert rss_after - rss_before < size
