@@ -1,28 +1,49 @@
 """Read and validate one adapter directory eagerly, so a bad adapter fails at load time, never on a
-request: metadata, base fingerprint, label set, PEFT config, checksums, safetensors only, shapes; then
-copy its weights into host memory of its own (`HostSlab`)."""
+request: metadata, base fingerprint, label set, PEFT config, checksums, safetensors only, shapes, finite
+values; then copy its weights into host memory of its own (`HostSlab`).
+
+A server with more adapters than its host tier reloads evicted ones all the time (1,000 adapters, a host
+tier of 64, Zipf traffic: one load per two or three requests), on loader threads that share the GIL and
+the cores with the engine. So a reload does only what the files' changes call for: checksums are
+remembered per file identity (`ChecksumMemo`), the weights file is read once (hashed and parsed from the
+same bytes), and the checks run once over each slab, not per tensor (r16 on the embedded base, a loop
+of 300 reloads on one torch thread: 2.6-2.7 ms of CPU each, from 4.3-5.5 ms).
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import math
 import mmap
+import os
 import re
+import threading
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors.torch
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from app.artifacts import CONFIG_FILE, METADATA_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE, AdapterMetadata, sha256_tag
+from app.artifacts import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    MODEL_CONFIG_FILE,
+    SHA256_PREFIX,
+    WEIGHTS_FILE,
+    AdapterMetadata,
+    sha256_tag,
+)
 from app.inference.base_model import build_head
 
 logger = logging.getLogger(__name__)
@@ -69,6 +90,46 @@ class BaseInfo:
     names: frozenset[str] = frozenset()
 
 
+FileIdentity = tuple[int, int, int, int, int]
+
+
+def file_identity(stat: os.stat_result) -> FileIdentity:
+    """(device, inode, size, mtime_ns, ctime_ns): what changes when a file is written, replaced (a
+    rename over it) or touched. ctime cannot be set from user space, so even a write that restores
+    the old size and mtime changes it. The same test git's index uses to skip re-hashing."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+class ChecksumMemo:
+    """Files' sha256 tags, kept while each file's identity is unchanged: a changed file is a miss and is
+    hashed again. The identity is taken before (or from the same open file as) the bytes are hashed,
+    so a change during the read only costs a miss later, never a stale answer. A bounded LRU of
+    (path, identity) keys, about 0.3 KB each; safe from any thread."""
+
+    def __init__(self, capacity: int = 8192):
+        self.capacity = capacity
+        self._tags: OrderedDict[tuple[str, FileIdentity], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, identity: FileIdentity) -> str | None:
+        key = (str(path), identity)
+        with self._lock:
+            tag = self._tags.get(key)
+            if tag is not None:
+                self._tags.move_to_end(key)
+            return tag
+
+    def put(self, path: Path, identity: FileIdentity, tag: str) -> None:
+        with self._lock:
+            self._tags[(str(path), identity)] = tag
+            while len(self._tags) > self.capacity:
+                self._tags.popitem(last=False)
+
+
+# One per process: keyed by path and identity, whichever engine reads the file.
+CHECKSUMS = ChecksumMemo()
+
+
 class HostSlab:
     """One anonymous private memory mapping holding all the tensors of one adapter's part, back to back.
 
@@ -107,6 +168,7 @@ class HostSlab:
             flat = torch.frombuffer(view, dtype=dtype, count=sum(counts))  # [elements], keeps `view`
         else:
             flat = torch.empty(0, dtype=dtype)
+        self.flat = flat  # every element, in one 1-D view (one check over the whole slab)
         self.tensors: list[torch.Tensor] = []
         offset = 0
         for shape, count in zip(shapes, counts):
@@ -190,7 +252,41 @@ def read_metadata(directory: Path) -> AdapterMetadata | None:
         raise AdapterLoadError("invalid", f"{METADATA_FILE} is not valid JSON: {exc}") from None
 
 
-def _check_metadata(meta: AdapterMetadata, directory: Path, base: BaseInfo) -> None:
+def _checksum(path: Path, weights: WeightsFile | None) -> str:
+    """`sha256:<hex>` of a file, computed once per version of it (`CHECKSUMS`). The weights file is
+    hashed from the bytes that are parsed, so what was checked is what is served."""
+    if weights is not None and weights.path == path:
+        identity, data = weights.identity, weights.data
+    else:
+        identity, data = file_identity(path.stat()), None
+    cached = CHECKSUMS.get(path, identity)
+    if cached is None:
+        cached = SHA256_PREFIX + hashlib.sha256(data).hexdigest() if data is not None else sha256_tag(path)
+        CHECKSUMS.put(path, identity, cached)
+    return cached
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """The weights file's bytes and the identity of the version they were read from."""
+
+    path: Path
+    identity: FileIdentity
+    data: bytes
+
+
+def _read_weights(path: Path) -> WeightsFile:
+    """The whole file, read through one open descriptor: its identity (fstat) first, then its bytes."""
+    try:
+        with open(path, "rb") as handle:
+            identity = file_identity(os.fstat(handle.fileno()))
+            data = handle.read()
+    except OSError as exc:
+        raise AdapterLoadError("invalid", f"{WEIGHTS_FILE} cannot be read: {exc}") from None
+    return WeightsFile(path, identity, data)
+
+
+def _check_metadata(meta: AdapterMetadata, directory: Path, base: BaseInfo, weights: WeightsFile) -> None:
     if meta.method != "lora":
         raise AdapterLoadError("invalid", f"method {meta.method!r} is not a LoRA adapter")
     if meta.base.fingerprint != base.fingerprint:
@@ -204,7 +300,7 @@ def _check_metadata(meta: AdapterMetadata, directory: Path, base: BaseInfo) -> N
         target = directory / file_name
         if not target.is_file():
             raise AdapterLoadError("invalid", f"metadata lists {file_name!r}, which is not in the adapter directory")
-        if sha256_tag(target) != checksum:
+        if _checksum(target, weights) != checksum:
             raise AdapterLoadError("invalid", f"{file_name} does not match its sha256 in {METADATA_FILE}")
 
 
@@ -317,9 +413,9 @@ def _split_tensors(
 def _copy_lora(
     lora_a: dict[str, torch.Tensor], lora_b: dict[str, torch.Tensor], scale: float
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """fp32 copies of the LoRA matrices (B pre-scaled) in one slab. Copies, never views: load_file's
-    tensors map the file, so a view would keep the mapping alive (memory twice over) and would change,
-    or crash the process, if the file changed."""
+    """fp32 copies of the LoRA matrices (B pre-scaled) in one slab, every value finite (checked after
+    scaling, once over the slab: torch.isfinite per tensor cost 1.2 ms a load here, numpy's over the
+    slab 0.03 ms)."""
     modules = list(lora_a)
     slab = HostSlab([lora_a[m].shape for m in modules] + [lora_b[m].shape for m in modules])
     a_out = dict(zip(modules, slab.tensors[: len(modules)]))  # module -> [r, in]
@@ -327,7 +423,27 @@ def _copy_lora(
     for module in modules:
         a_out[module].copy_(lora_a[module])
         b_out[module].copy_(lora_b[module]).mul_(scale)
+    if not _all_finite(slab):
+        bad = next(m for m in modules if not (torch.isfinite(a_out[m]).all() and torch.isfinite(b_out[m]).all()))
+        raise AdapterLoadError("invalid", f"{bad}: LoRA weights contain NaN or infinity (or overflow when scaled)")
     return a_out, b_out
+
+
+def _all_finite(slab: HostSlab) -> bool:
+    return bool(np.isfinite(slab.flat.numpy()).all())
+
+
+# Empty heads on the meta device, one per (base, label count): a copy of one is cheaper than a new one.
+_head_templates: dict[tuple[str, int], nn.Module] = {}
+
+
+def _empty_head(base: BaseInfo, num_labels: int) -> nn.Module:
+    key = (base.fingerprint, num_labels)
+    template = _head_templates.get(key)
+    if template is None:  # two threads may both build it; either copy is right
+        with torch.device("meta"):
+            template = _head_templates[key] = build_head(base.config, num_labels)
+    return copy.deepcopy(template)
 
 
 def _build_head(
@@ -336,13 +452,14 @@ def _build_head(
     """The adapter's classification head, its parameters in a slab of their own (on CUDA the engine
     replaces the LoRA matrices by pinned copies, and their slab goes; the head's stays). Built on the
     meta device: no random weights are allocated only to be overwritten."""
-    with torch.device("meta"):
-        head = build_head(base.config, len(labels))
+    head = _empty_head(base, len(labels))
     keys = list(state)
     slab = HostSlab([state[k].shape for k in keys])
     copies = dict(zip(keys, slab.tensors))
     for key in keys:
         copies[key].copy_(state[key])
+    if not _all_finite(slab):
+        raise AdapterLoadError("invalid", "classification head weights contain NaN or infinity")
     try:
         head.load_state_dict(copies, strict=True, assign=True)
     except RuntimeError as exc:
@@ -363,23 +480,26 @@ def load_adapter(
     load request, for a plain PEFT directory that names none."""
     directory = Path(directory)
     _check_files(directory)
+    weights = _read_weights(directory / WEIGHTS_FILE)
     meta = read_metadata(directory)
     if meta is not None:
-        _check_metadata(meta, directory, base)
+        _check_metadata(meta, directory, base, weights)
     peft_config = _read_json(directory / CONFIG_FILE)
     if meta is None:
         _check_peft_base(peft_config, base)
     resolved_labels, label_source = _resolve_labels(meta, directory, labels)
     rank, scale = _check_peft_config(peft_config)
 
-    weights_path = directory / WEIGHTS_FILE
     try:
-        tensors = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        # Tensors of their own (parsed out of the bytes read), never views of a file mapping: a view would
+        # keep the mapping alive and change, or crash the process, if the file changed.
+        tensors = safetensors.torch.load(weights.data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise AdapterLoadError("invalid", f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
     lora_a, lora_b, head_state = _split_tensors(tensors, base)
-    del tensors
+    size_bytes = weights.identity[2]
+    del tensors, weights
     for module, a in lora_a.items():
         b = lora_b[module]
         in_features, out_features = base.linear_shapes[module]
@@ -389,8 +509,6 @@ def load_adapter(
                 f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit r={rank} "
                 f"on a {in_features}->{out_features} layer",
             )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterLoadError("invalid", f"{module}: LoRA weights contain NaN or infinity")
     a_out, b_out = _copy_lora(lora_a, lora_b, scale)
     head = _build_head(base, resolved_labels, label_source, head_state)
 
@@ -403,7 +521,7 @@ def load_adapter(
         rank=rank,
         target_modules=targets,
         base_id=meta.base.id if meta is not None else str(peft_config.get("base_model_name_or_path") or "unknown"),
-        size_bytes=weights_path.stat().st_size,
+        size_bytes=size_bytes,
         metrics=meta.numeric_metrics() if meta is not None else {},
         path=directory,
         a=a_out,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import json
+import multiprocessing
+import os
 import shutil
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -103,6 +104,27 @@ def nan_weights(p: Path) -> None:
     _rewrite_weights(p, change)
 
 
+def nan_head(p: Path) -> None:
+    def change(t):
+        key = next(k for k in sorted(t) if "classifier" in k and k.endswith("weight"))
+        t[key][0, 0] = float("inf")
+
+    _rewrite_weights(p, change)
+
+
+def overflows_when_scaled(p: Path) -> None:
+    # Finite in the file, infinite once B is multiplied by lora_alpha / r.
+    def change(t):
+        key = _first_key(t, "B")
+        t[key][0, 0] = 3e38
+
+    _rewrite_weights(p, change)
+    config = json.loads((p / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["r"] * 4
+    (p / "adapter_config.json").write_text(json.dumps(config))
+    _refresh_checksums(p)
+
+
 def unknown_tensor(p: Path) -> None:
     _rewrite_weights(p, lambda t: t.__setitem__("base_model.model.roberta.embeddings.word_embeddings.weight", torch.zeros(2, 2)))
 
@@ -167,6 +189,8 @@ BAD_ADAPTERS = [
     other_base,
     wrong_rank_shapes,
     nan_weights,
+    nan_head,
+    overflows_when_scaled,
     unknown_tensor,
     missing_lora_b,
     no_head,
@@ -231,6 +255,37 @@ def test_loaded_adapter_does_not_depend_on_its_file(engine, good):
     weights = good / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert engine.run(encoded, [adapter]) == before
+
+
+def test_a_reload_of_unchanged_files_hashes_nothing(engine, good, monkeypatch):
+    """Checksums are remembered per file version: reloading an evicted adapter whose files did not
+    change hashes nothing."""
+    engine.read_adapter("good", good)
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("an unchanged file was hashed again")
+
+    monkeypatch.setattr("app.inference.adapter_loader.sha256_tag", no_hashing)
+    monkeypatch.setattr("app.inference.adapter_loader.hashlib.sha256", no_hashing)
+    assert engine.read_adapter("good", good).labels == ("entailment", "neutral", "contradiction")
+
+
+def test_a_changed_file_is_checked_again_even_with_its_old_size_and_mtime(engine, good):
+    """The remembered checksum is keyed by the file's identity, ctime included: a same-size rewrite
+    with its mtime set back is still caught by the checksum in metadata.json."""
+    engine.read_adapter("good", good)
+    weights = good / "adapter_model.safetensors"
+    before = weights.stat()
+    with open(weights, "r+b") as handle:  # in place: same inode, same size; one weight byte changed
+        handle.seek(-3, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-3, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 0x01]))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = weights.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    with pytest.raises(AdapterLoadError, match="does not match its sha256"):
+        engine.read_adapter("good", good)
 
 
 def _anonymous_memory() -> tuple[int, int]:
