@@ -226,7 +226,7 @@ class Batcher:
 
     def _collect(self) -> list[_Item] | None:
         """Wait for work; unless only one pair is queued, give latecomers `max_wait_ms` to join; then
-        take a window of what is queued (`_take_window`).
+        take what is queued (bounded).
         What it takes counts as in flight from the same lock section, so the wait estimate never
         loses sight of it."""
         with self._cond:
@@ -245,35 +245,13 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            window = self._take_window()
+            # Several batches' worth at most, so sorting by length has rows to choose from
+            # without letting one round hold the queue for long.
+            take = min(len(self._pending), self.max_batch_pairs * 4)
+            window = [self._pending.popleft() for _ in range(take)]
             self._in_flight = len(window)
             self._running_adapters = tuple(sorted({item.adapter.name for item in window}))
-            return window
-
-    def _take_window(self) -> list[_Item]:
-        """Called with the lock held: the live queued pairs in arrival order, several batches' worth at
-        most (so sorting by length has rows to choose from without letting one round hold the queue
-        for long), of no more adapters than a batch may mix. A pair of one adapter more stays queued,
-        in its place, for the next window, where newcomers fill its batch: taken, it would run in a
-        small batch of its own after the others (1,000 adapters under Zipf: 13.6 pairs a forward
-        against 32 with 3 adapters). The oldest pair is always taken, so a pair waits at most until
-        the adapters queued before it have run."""
-        max_distinct = self.engine.slots.max_distinct_per_batch
-        limit = self.max_batch_pairs * 4
-        window: list[_Item] = []
-        skipped: list[_Item] = []
-        adapters: set[AdapterWeights] = set()
-        while self._pending and len(window) < limit and len(skipped) < limit:
-            item = self._pending.popleft()
-            if not item.live():
-                continue  # its caller went away: dropped, never answered
-            if item.adapter in adapters or len(adapters) < max_distinct:
-                adapters.add(item.adapter)
-                window.append(item)
-            else:
-                skipped.append(item)
-        self._pending.extendleft(reversed(skipped))
-        return window
+            return [item for item in window if item.live()]
 
     def _process(self, items: list[_Item]) -> None:
         try:

@@ -191,29 +191,6 @@ def test_failed_batch_fails_its_members_and_the_worker_goes_on():
     assert observer.failed == 1 and observer.sizes == [2]
 
 
-def test_a_window_leaves_pairs_of_one_adapter_too_many_queued_for_the_next_one():
-    """Two slots: of the queued A, B, C, B, A the window takes A, B, B, A (one batch) and C waits for the
-    next window, instead of A+B, C+B and A in three batches."""
-    engine = FakeEngine(max_distinct=2)
-    engine.gate.clear()
-    batcher = make(engine, max_batch_pairs=8, max_wait_ms=0)
-
-    async def main():
-        blocker = asyncio.ensure_future(batcher.submit(["x"], ["h"], [A]))
-        await asyncio.to_thread(engine.entered.wait, 5)  # the worker is in the first batch
-        queued = [asyncio.ensure_future(batcher.submit(["xx"], ["h"], [tag])) for tag in (A, B, C, B, A)]
-        while batcher.pending_pairs < 5:
-            await asyncio.sleep(0)
-        engine.gate.set()
-        return await blocker, await asyncio.gather(*queued)
-
-    first, answers = asyncio.run(main())
-    batcher.stop()
-    assert first == [[1.0, 1.0]]
-    assert answers == [[[2.0, 1.0]], [[2.0, 2.0]], [[2.0, 3.0]], [[2.0, 2.0]], [[2.0, 1.0]]]
-    assert engine.batches == [["a"], ["a", "b", "b", "a"], ["c"]]
-
-
 def test_cancelled_request_never_reaches_the_engine():
     engine = FakeEngine()
     engine.gate.clear()
