@@ -39,6 +39,11 @@ def sha256_tag(path: Path) -> str:
     return SHA256_PREFIX + sha256_hex(path)
 
 
+def sha256_tag_of(data: bytes) -> str:
+    """`sha256_tag` of bytes already read."""
+    return SHA256_PREFIX + hashlib.sha256(data).hexdigest()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file in the same directory and rename it over `path`, so a reader
     sees the old file or the new one, never half of one. The file is world-readable (0644)."""

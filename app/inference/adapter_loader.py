@@ -3,7 +3,7 @@ request: metadata, base fingerprint, label set, PEFT config, checksums, safetens
 values; then copy its weights into host memory of its own (`HostSlab`).
 
 A server with more adapters than its host tier reloads evicted ones all the time (1,000 adapters, a host
-tier of 64, Zipf traffic: one load per two or three requests), on loader threads that share the GIL and
+tier of 64, Zipf traffic: about one load per two requests), on loader threads that share the GIL and
 the cores with the engine. So a reload does only what the files' changes call for: checksums are
 remembered per file identity (`ChecksumMemo`), the weights file is read once (hashed and parsed from the
 same bytes), and the checks run once over each slab, not per tensor (r16 on the embedded base, a loop
@@ -13,7 +13,6 @@ of 300 reloads on one torch thread: 2.6-2.7 ms of CPU each, from 4.3-5.5 ms).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -39,10 +38,10 @@ from app.artifacts import (
     CONFIG_FILE,
     METADATA_FILE,
     MODEL_CONFIG_FILE,
-    SHA256_PREFIX,
     WEIGHTS_FILE,
     AdapterMetadata,
     sha256_tag,
+    sha256_tag_of,
 )
 from app.inference.base_model import build_head
 
@@ -252,16 +251,13 @@ def read_metadata(directory: Path) -> AdapterMetadata | None:
         raise AdapterLoadError("invalid", f"{METADATA_FILE} is not valid JSON: {exc}") from None
 
 
-def _checksum(path: Path, weights: WeightsFile | None) -> str:
+def _checksum(path: Path, weights: WeightsFile) -> str:
     """`sha256:<hex>` of a file, computed once per version of it (`CHECKSUMS`). The weights file is
     hashed from the bytes that are parsed, so what was checked is what is served."""
-    if weights is not None and weights.path == path:
-        identity, data = weights.identity, weights.data
-    else:
-        identity, data = file_identity(path.stat()), None
+    identity = weights.identity if path == weights.path else file_identity(path.stat())
     cached = CHECKSUMS.get(path, identity)
     if cached is None:
-        cached = SHA256_PREFIX + hashlib.sha256(data).hexdigest() if data is not None else sha256_tag(path)
+        cached = sha256_tag_of(weights.data) if path == weights.path else sha256_tag(path)
         CHECKSUMS.put(path, identity, cached)
     return cached
 
@@ -273,6 +269,10 @@ class WeightsFile:
     path: Path
     identity: FileIdentity
     data: bytes
+
+    @property
+    def size(self) -> int:
+        return self.identity[2]
 
 
 def _read_weights(path: Path) -> WeightsFile:
@@ -498,7 +498,7 @@ def load_adapter(
         raise AdapterLoadError("invalid", f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
     lora_a, lora_b, head_state = _split_tensors(tensors, base)
-    size_bytes = weights.identity[2]
+    size_bytes = weights.size
     del tensors, weights
     for module, a in lora_a.items():
         b = lora_b[module]

@@ -104,7 +104,7 @@ def nan_weights(p: Path) -> None:
     _rewrite_weights(p, change)
 
 
-def nan_head(p: Path) -> None:
+def infinite_head(p: Path) -> None:
     def change(t):
         key = next(k for k in sorted(t) if "classifier" in k and k.endswith("weight"))
         t[key][0, 0] = float("inf")
@@ -189,7 +189,7 @@ BAD_ADAPTERS = [
     other_base,
     wrong_rank_shapes,
     nan_weights,
-    nan_head,
+    infinite_head,
     overflows_when_scaled,
     unknown_tensor,
     missing_lora_b,
@@ -266,7 +266,7 @@ def test_a_reload_of_unchanged_files_hashes_nothing(engine, good, monkeypatch):
         raise AssertionError("an unchanged file was hashed again")
 
     monkeypatch.setattr("app.inference.adapter_loader.sha256_tag", no_hashing)
-    monkeypatch.setattr("app.inference.adapter_loader.hashlib.sha256", no_hashing)
+    monkeypatch.setattr("app.inference.adapter_loader.sha256_tag_of", no_hashing)
     assert engine.read_adapter("good", good).labels == ("entailment", "neutral", "contradiction")
 
 
