@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         "unset: 0.9 on CPU (padding costs in full), 0.5 on CUDA (bigger batches pay off). Only where rows are "
         "padded: a packing engine (BERT-family bases) has no padding to bound.",
     )
+    heap_trim_mb: int = Field(
+        32,
+        ge=0,
+        description="After a batch, return malloc's free pages to the system (glibc `malloc_trim`) once the "
+        "resident set has grown this many MiB since the last return; 0: never. Without it a CPU server's RSS "
+        "keeps the high-water mark of every batch shape it has run.",
+    )
     max_batch_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -18,6 +18,7 @@ from app.services.readiness import Readiness
 if TYPE_CHECKING:  # the heavy pieces are imported only when NLI is enabled
     from app.inference.batcher import Batcher
     from app.inference.engine import NLIEngine
+    from app.inference.heap import HeapTrimmer
     from app.services.adapter_registry import AdapterRegistry
     from app.services.adapters import AdapterService
     from app.services.nli import NLIService
@@ -96,6 +97,7 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
     from app.inference.base_model import BaseModelError, resolve_base
     from app.inference.batcher import Batcher
     from app.inference.engine import NLIEngine
+    from app.inference.heap import HeapTrimmer
     from app.services.adapter_registry import AdapterRegistry
     from app.services.adapters import AdapterService
     from app.services.nli import NLIService
@@ -146,8 +148,10 @@ def _build_nli(settings: Settings, runtime: Runtime) -> None:
         max_queue_wait_ms=settings.max_queue_wait_ms,
         min_fill=batch_fill_ratio(settings, engine.device.type),
         observer=metrics,
+        heap=HeapTrimmer(settings.heap_trim_mb * 2**20),
     )
     batcher.start()
+    metrics.watch_heap(batcher.heap.counters if batcher.heap.enabled else None)
     metrics.watch_queue(batcher.activity, max_lora=engine.slots.max_distinct_per_batch)
     metrics.watch_residency(engine.slots.counters)
     metrics.watch_tiers(lambda: [(entry.name, registry.tier(entry)) for entry in registry.entries()])

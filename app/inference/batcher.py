@@ -16,6 +16,7 @@ from typing import Protocol
 from app.errors import InferenceFailed, Overloaded
 from app.inference.adapter_loader import AdapterWeights
 from app.inference.engine import EncodedPair, NLIEngine
+from app.inference.heap import HeapTrimmer
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,11 @@ class Batcher:
         max_queue_wait_ms: float | None = None,
         min_fill: float = 0.0,
         observer: BatchObserver | None = None,
+        heap: HeapTrimmer | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self.engine = engine
+        self.heap = heap  # trimmed after each round, on the worker: the thread whose forwards fill it
         self.clock = clock
         self.observer = observer
         self.max_batch_pairs = max_batch_pairs
@@ -217,6 +220,8 @@ class Batcher:
                     self._process(window)
                 else:
                     self.engine.free_retired()
+                if self.heap is not None:
+                    self.heap.after_batch()
             except Exception:  # never let housekeeping end the one thread that answers requests
                 logger.exception("batch worker round failed")
             finally:

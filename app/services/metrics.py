@@ -40,6 +40,7 @@ class _StateCollector(Collector):
         self.max_lora: int = 0  # device slots: adapters one batch may mix
         self.residency: Callable[[], tuple[int, int, int]] | None = None  # resident, moves in, evictions
         self.tiers: Callable[[], list[tuple[str, str]]] | None = None  # (adapter, tier) of every known adapter
+        self.heap: Callable[[], tuple[int, int]] | None = None  # heap trims, bytes they gave back
 
     def collect(self) -> Iterable:
         if self.queue is not None:
@@ -81,6 +82,12 @@ class _StateCollector(Collector):
                 if tier != "disk":
                     held.add_metric([name, tier], 1)
             yield held
+        if self.heap is not None:
+            trims, released = self.heap()
+            yield CounterMetricFamily(
+                "loraswap_heap_trims", "Times the batch worker returned malloc's free pages to the system.", trims
+            )
+            yield CounterMetricFamily("loraswap_heap_trimmed_bytes", "Resident bytes those returns gave back.", released)
 
 
 class AdapterLabels:
@@ -207,6 +214,9 @@ class Metrics:
 
     def watch_tiers(self, placed: Callable[[], list[tuple[str, str]]]) -> None:
         self.state.tiers = placed
+
+    def watch_heap(self, counters: Callable[[], tuple[int, int]] | None) -> None:
+        self.state.heap = counters
 
     # -- observers (any thread; prometheus_client is thread-safe) --------------------------------------
     def observe_adapter_load(self, outcome: str, seconds: float | None) -> None:

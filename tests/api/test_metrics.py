@@ -9,6 +9,7 @@ import shutil
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.inference.heap import glibc_malloc_trim
 from app.main import create_app
 
 
@@ -36,6 +37,18 @@ def test_metrics_after_traffic(embedded_adapters):
     assert value(text, 'loraswap_http_requests_total{method="GET",route="/adapters/{name}",status="404"}') == 1
     assert value(text, "loraswap_queue_depth_pairs") == 0
     assert value(text, "loraswap_resident_adapters") >= 1
+    if glibc_malloc_trim() is not None:  # trimming on by default where glibc has malloc_trim
+        assert value(text, "loraswap_heap_trims_total") >= 0
+        assert value(text, "loraswap_heap_trimmed_bytes_total") >= 0
+
+
+def test_heap_series_are_absent_with_trimming_off(embedded_adapters):
+    settings = Settings(fraud_enabled=False, adapters_dir=embedded_adapters, default_adapter="alpha", heap_trim_mb=0)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/nli", json={"premise": "a b", "hypothesis": "c"}).status_code == 200
+        text = client.get("/metrics").text
+    assert "loraswap_heap_trims" not in text
+    assert "loraswap_nli_pairs_total" in text
 
 
 def adapter_labels(text: str) -> set[str]:
