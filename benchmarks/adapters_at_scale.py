@@ -6,7 +6,7 @@ shipped mnli/snli/rte, Zipf), `loraswap-r16-zipf`, `loraswap-r16-uniform`, `peft
 ... All servers are started one after another (so each time to ready is its own), warmed up, then
 measured in interleaved rounds as in benchmarks.serving. Per scenario: throughput, latency, errors,
 loads and hit rates per tier (loraswap's GET /adapters and /metrics, the baseline's GET /stats),
-time to ready and the server's RSS (psutil, sampled through the run). It writes results.json,
+time to ready and the server's RSS (its peak from warm-up to the end: the kernel's VmHWM, or psutil samples). It writes results.json,
 results.md, throughput.png and latency.png and checks the targets of issue 10.
 
     python -m benchmarks.adapters_at_scale --quick          # < 5 min on 2 cores once the pools are cached
@@ -283,15 +283,31 @@ def tier_activity(scenario: Scenario, before: dict, after: dict, pairs: int) -> 
 
 
 class RssSampler:
-    """Samples the RSS of some processes (psutil) in a thread; keeps each one's peak and last value."""
+    """The RSS of some processes from warm-up to the end: each one's peak and last value.
+
+    The peak is the kernel's own high-water mark where Linux keeps one (`VmHWM` in /proc/<pid>/status,
+    reset on entry by writing 5 to /proc/<pid>/clear_refs): every page the process ever had resident at
+    once, including a forward's activations between two samples. Elsewhere, the most psutil saw,
+    sampled every `interval_s` in a thread (`peak_source` says which). The samples also give `last`.
+    """
 
     def __init__(self, pids: dict[str, int], interval_s: float = 0.25):
         self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.peak = {name: 0 for name in pids}
+        self.sampled_peak = {name: 0 for name in pids}
         self.last = {name: 0 for name in pids}
+        self.kernel_peak: dict[str, int] = {}
+        self._kernel_marks = False
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    @property
+    def peak(self) -> dict[str, int]:
+        return {name: self.kernel_peak.get(name, sampled) for name, sampled in self.sampled_peak.items()}
+
+    @property
+    def peak_source(self) -> str:
+        return "VmHWM" if len(self.kernel_peak) == len(self.processes) else "sampled"
 
     def sample(self) -> None:
         for name, process in self.processes.items():
@@ -300,13 +316,14 @@ class RssSampler:
             except psutil.Error:
                 continue
             self.last[name] = rss
-            self.peak[name] = max(self.peak[name], rss)
+            self.sampled_peak[name] = max(self.sampled_peak[name], rss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.sample()
 
     def __enter__(self) -> RssSampler:
+        self._kernel_marks = all(reset_peak_rss(p.pid) for p in self.processes.values())
         self.sample()
         self._thread.start()
         return self
@@ -315,6 +332,31 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+        if self._kernel_marks:
+            for name, process in self.processes.items():
+                mark = peak_rss(process.pid)
+                if mark is not None:
+                    self.kernel_peak[name] = max(mark, self.sampled_peak[name])
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset the kernel's RSS high-water mark of `pid` to its RSS now (Linux 4.0+; our own processes)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return peak_rss(pid) is not None
+
+
+def peak_rss(pid: int) -> int | None:
+    """`VmHWM` of /proc/<pid>/status in bytes, None where there is none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -342,7 +384,7 @@ def start_all(args, scenarios: list[Scenario], stack: ExitStack, log_dir: Path) 
 
 async def measure(args, scenarios: list[Scenario], servers: dict[str, ServerProcess],
                   plans: dict[str, tuple[list[PlannedRequest], list[PlannedRequest]]]) -> dict[str, dict]:
-    """Warm every server up, then the interleaved rounds; RSS sampled throughout."""
+    """Warm every server up, then the interleaved rounds; RSS followed throughout (peak and samples)."""
     names = [s.name for s in scenarios]
     by_name = {s.name: s for s in scenarios}
     clients = {n: make_client(servers[n].url, args.concurrency) for n in names}
@@ -380,6 +422,8 @@ async def measure(args, scenarios: list[Scenario], servers: dict[str, ServerProc
             "rounds_pairs_s": [round(p.throughput_pairs_s, 1) for p in phases[name]],
             "server_cpu_ms_per_pair": round(1000.0 * cpu[name] / max(1, result.ok), 2),
             "rss_peak_bytes": rss.peak[name],
+            "rss_peak_source": rss.peak_source,
+            "rss_peak_sampled_bytes": rss.sampled_peak[name],
             "rss_end_bytes": rss.last[name],
             "tier_activity": tier_activity(by_name[name], before[name], after[name], result.ok),
         }

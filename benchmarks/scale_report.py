@@ -77,8 +77,7 @@ def markdown(results: dict) -> str:
         "loraswap's read and validation of one adapter (its loader threads, /metrics), PEFT's `load_adapter` "
         "(under its model lock). The PEFT server's one tier (adapters loaded in its PeftModel) is in the "
         "device column. RSS budget: the `few` server's peak (the base) + host tier x weights file x "
-        f"{results.get('rss_slack', 1.3)}; peak RSS is the most psutil saw, sampled every 0.25 s from warm-up to "
-        "the end.",
+        f"{results.get('rss_slack', 1.3)}; peak RSS from warm-up to the end: " + _peak_source(results) + ".",
         "",
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores; load average "
         f"(1/5/15 min) {results['machine']['load_average_1_5_15']} before and "
@@ -142,3 +141,10 @@ def write_scale_report(results: dict, out: Path) -> list[Path]:
     for file_name, plot in PLOTS.items():
         plot(results, out / file_name)
     return [out / "results.md", *(out / f for f in PLOTS)]
+
+
+def _peak_source(results: dict) -> str:
+    sources = {s.get("rss_peak_source", "sampled") for s in results["scenarios"].values()}
+    if sources == {"VmHWM"}:
+        return "the kernel's high-water mark (VmHWM, reset when the warm-up starts)"
+    return "the most psutil saw, sampled every 0.25 s"

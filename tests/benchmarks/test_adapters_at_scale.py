@@ -4,6 +4,8 @@ the tier probes, results.json and its report; one slow run of the whole thing on
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from benchmarks import adapter_pool
 from benchmarks.adapter_pool import MANIFEST_FILE, prepare_pool
 from benchmarks.adapter_sets import AdapterSet
 from benchmarks.adapters_at_scale import (
+    RssSampler,
     Scenario,
     assemble_results,
     parse_adapter_metrics,
@@ -232,3 +235,32 @@ def test_a_tiny_run_end_to_end(tmp_path):
     assert on_disk["scenarios"]["loraswap-r4-uniform"]["known_at_ready"] == 6
     assert results["ratio_vs_few"]["r4"] > 0 and results["ratio_vs_peft_lru"]["r4-uniform"] > 0
     assert (tmp_path / "out/throughput.png").exists() and (tmp_path / "out/latency.png").exists()
+
+
+CHILD = """
+import sys
+sys.stdin.readline()
+block = bytearray(160 * 2**20)  # zero-filled: every page written, so resident
+del block
+print("freed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the kernel's RSS high-water mark is Linux's")
+def test_the_peak_is_the_kernels_high_water_mark_not_the_samples():
+    # A process that holds 160 MiB only between two samples: psutil never sees it, VmHWM does; and
+    # the reset on entry forgets what the process had resident before (its start-up here).
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        with RssSampler({"child": child.pid}, interval_s=3600) as rss:
+            before = rss.last["child"]
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "freed\n"
+        assert rss.peak_source == "VmHWM"
+        assert rss.sampled_peak["child"] < before + 64 * 2**20  # the samples (enter, exit) missed the block
+        assert rss.peak["child"] >= before + 150 * 2**20
+    finally:
+        child.stdin.close()
+        child.wait(10)
