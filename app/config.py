@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         "padded: a packing engine (BERT-family bases) has no padding to bound.",
     )
     heap_trim_mb: int = Field(
-        32,
+        16,
         ge=0,
         description="After a batch, return malloc's free pages to the system (glibc `malloc_trim`) once the "
         "resident set has grown this many MiB since the last return; 0: never. Without it a CPU server's RSS "
