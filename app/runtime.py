@@ -18,7 +18,6 @@ from app.services.readiness import Readiness
 if TYPE_CHECKING:  # the heavy pieces are imported only when NLI is enabled
     from app.inference.batcher import Batcher
     from app.inference.engine import NLIEngine
-    from app.inference.heap import HeapTrimmer
     from app.services.adapter_registry import AdapterRegistry
     from app.services.adapters import AdapterService
     from app.services.nli import NLIService

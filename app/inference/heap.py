@@ -38,6 +38,7 @@ from collections.abc import Callable
 logger = logging.getLogger(__name__)
 
 STATM = "/proc/self/statm"
+GLIBC = object()  # HeapTrimmer's default `trim`: glibc's malloc_trim, where there is one
 
 
 def resident_bytes() -> int | None:
@@ -75,15 +76,17 @@ class HeapTrimmer:
         slack_bytes: int,
         *,
         rss: Callable[[], int | None] = resident_bytes,
-        trim: Callable[[], object] | None | bool = True,
+        trim: Callable[[], object] | None | object = GLIBC,
     ):
+        """`rss` and `trim` stand in for /proc and glibc in tests; `trim=None`: a C library without one."""
         self.slack_bytes = slack_bytes
         self._rss = rss
-        self._trim = glibc_malloc_trim() if trim is True else (trim or None)
-        self.enabled = slack_bytes > 0 and self._trim is not None and rss() is not None
+        self._trim = glibc_malloc_trim() if trim is GLIBC else trim
+        level = rss()
+        self.enabled = slack_bytes > 0 and self._trim is not None and level is not None
         if slack_bytes > 0 and not self.enabled:
             logger.info("heap trimming off: no glibc malloc_trim or no /proc/self/statm on this system")
-        self._level = rss() if self.enabled else None
+        self._level = level
         self.trims = 0
         self.released_bytes = 0
 
