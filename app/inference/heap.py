@@ -3,10 +3,9 @@
 On a CPU every forward allocates its activations with malloc, in sizes that change with each batch's
 tokens. glibc serves blocks under its mmap threshold (raised dynamically up to 32 MiB once a large
 block is freed) from its heaps, and keeps what the forward frees: free pages inside a heap are not
-returned until `malloc_trim`, and batches of new sizes fit the holes badly. Measured on the embedded
-base (one thread, 300 forwards of 1 to 32 pairs, 16 adapters): the resident set grew from 559 MB to
-881-892 MB and was still growing; `malloc_trim(0)` at that point gave it back to 572 MB, so it was
-free memory, not live tensors. A server's RSS then said more about the batch sizes it had seen than
+returned until `malloc_trim`. Measured on the embedded base (one thread, 300 forwards of 1 to 32
+pairs, 16 adapters): the resident set grew from 559 MB to 881-892 MB and was still growing;
+`malloc_trim(0)` at that point gave it back to 572 MB, so it was free memory, not live tensors. A server's RSS then said more about the batch sizes it had seen than
 about what it holds.
 
 `HeapTrimmer.after_batch`, called by the batch worker after each round, reads the resident set
@@ -30,7 +29,6 @@ Elsewhere than Linux with glibc (no `malloc_trim`, or no `/proc`) the trimmer is
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable
@@ -38,6 +36,7 @@ from collections.abc import Callable
 logger = logging.getLogger(__name__)
 
 STATM = "/proc/self/statm"
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 GLIBC = object()  # HeapTrimmer's default `trim`: glibc's malloc_trim, where there is one
 
 
@@ -45,19 +44,17 @@ def resident_bytes() -> int | None:
     """This process's resident set in bytes (the second field of /proc/self/statm), None without /proc."""
     try:
         with open(STATM, "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * PAGE_BYTES
     except (OSError, ValueError, IndexError):
         return None
 
 
 def glibc_malloc_trim() -> Callable[[], object] | None:
-    """glibc's `malloc_trim(0)`, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's `malloc_trim(0)`, or None where the C library has none (musl, macOS). Looked up among the
+    symbols the interpreter already has loaded (`CDLL(None)`), libc's included: no library search."""
     try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
