@@ -80,18 +80,23 @@ glibc = pytest.mark.skipif(
 def test_real_glibc_gives_freed_heap_pages_back():
     # 96 MiB in 64 KiB blocks (under any mmap threshold: they come from the heap), written to, then
     # freed except one block above them, which keeps free() from shrinking the heap by itself: the
-    # pages stay resident, as a forward's activations do, until the trimmer returns them.
+    # pages stay resident, as a forward's activations do, until the trimmer returns them. The heap is
+    # trimmed first: free pages earlier tests left resident would otherwise take the blocks without
+    # the resident set growing, and there would be nothing over the slack to return.
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
+    glibc_malloc_trim()()
     heap = HeapTrimmer(32 * MIB)
     assert heap.enabled
+    start = resident_bytes()
     blocks = [libc.malloc(64 * 1024) for _ in range(1536)]
     assert all(blocks)
     for block in blocks:
         ctypes.memset(block, 1, 64 * 1024)
     keeper = libc.malloc(64 * 1024)
     grown = resident_bytes()
+    assert grown > start + 80 * MIB  # the blocks are resident pages of their own
     for block in blocks:
         libc.free(block)
     try:
